@@ -1,0 +1,48 @@
+"""Where a phase runs: connect to the Ray cluster a job was submitted to, or start an embedded one.
+
+Inside `ray job submit`, Ray sets RAY_ADDRESS for the entrypoint, so `ray.init()` joins that
+cluster. Run by hand with no address, a phase starts a private local Ray (the embedded default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from pipelines.config import param
+
+DATA_ROOT_ENV = "WURST_DATA_ROOT"
+
+
+def default_data_root() -> str:
+    """$WURST_DATA_ROOT (exported by `python -m cluster up` to every job) or ./data."""
+    return os.environ.get(DATA_ROOT_ENV) or os.path.abspath("data")
+
+
+@dataclasses.dataclass
+class RayConfig:
+    # None: $RAY_ADDRESS when set (ray job submit sets it), else an embedded local Ray.
+    address: Optional[str] = None
+    # CPUs of the embedded local Ray (None: all); ignored when joining a cluster.
+    num_cpus: Optional[int] = param(None, ge=1)
+    # Bound on object store memory of the embedded Ray, bytes (None: Ray's default).
+    object_store_memory: Optional[int] = param(None, ge=78643200)
+
+
+def init_ray(cfg: RayConfig | None = None):
+    """Idempotent ray.init for a phase driver; returns the ray module."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Loopback only: an embedded Ray is private to this process tree.
+        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+                 include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    return ray

@@ -1,0 +1,137 @@
+"""The one way every phase opens its MLflow run.
+
+Experiment per phase (`wurst-<phase>`), a run name, lineage tags (phase, config hash, input
+manifest hash, git commit), the resolved config as flattened params with secrets redacted, and
+system metrics on. The embedded default store is a SQLite file under the data root, so a laptop
+needs no server; `MLFLOW_TRACKING_URI` (or the config's `mlflow.tracking_uri`) points at a real one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Iterator, Optional
+
+from pipelines import config as config_lib
+from pipelines import manifest as manifest_lib
+from pipelines import storage
+
+MAX_PARAM_VALUE = 6000  # MLflow 3 limit is 6000 chars per param value
+PARAM_BATCH = 100
+
+
+@dataclasses.dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<data_root>/mlflow.db
+    experiment_prefix: str = "wurst"
+    run_name: Optional[str] = None
+    system_metrics: bool = True
+    enabled: bool = True
+
+
+def tracking_uri_for(data_root: str, configured: str | None = None) -> str:
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = storage.local_path(data_root)
+    if root is None:
+        raise config_lib.ConfigError(
+            "mlflow.tracking_uri: data_root is an object store, so the embedded SQLite store cannot live "
+            "there; set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server"
+        )
+    os.makedirs(root, exist_ok=True)
+    return f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+
+def experiment_name(phase: str, cfg: MlflowConfig | None = None) -> str:
+    prefix = (cfg.experiment_prefix if cfg else "wurst").strip()
+    return f"{prefix}-{phase}" if prefix else phase
+
+
+def _ensure_experiment(client, name: str, tracking_uri: str, data_root: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:"):
+        # Without this MLflow puts artifacts in ./mlruns relative to whatever the cwd is.
+        root = storage.local_path(data_root)
+        artifact_location = "file://" + os.path.join(root, "mlartifacts", name)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # noqa: BLE001 - a concurrent phase created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_config_params(cfg: Any) -> None:
+    import mlflow
+
+    tree = config_lib.to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    flat = config_lib.flatten(config_lib.redact(tree))
+    params = {k: ("None" if v is None else str(v))[:MAX_PARAM_VALUE] for k, v in flat.items()}
+    items = sorted(params.items())
+    for i in range(0, len(items), PARAM_BATCH):
+        mlflow.log_params(dict(items[i:i + PARAM_BATCH]))
+
+
+def lineage_tags(phase: str, cfg: Any, input_uri: str | None = None) -> dict[str, str]:
+    tags = {
+        "wurst.phase": phase,
+        "wurst.config_hash": config_lib.config_hash(cfg),
+        "wurst.code_version": manifest_lib.code_version(),
+    }
+    if input_uri:
+        tags["wurst.input_uri"] = input_uri
+        if storage.exists(input_uri) and storage.is_dir(input_uri) and manifest_lib.has_manifest(input_uri):
+            tags["wurst.input_manifest_hash"] = manifest_lib.manifest_hash(input_uri)
+            upstream = manifest_lib.read(input_uri)
+            if upstream.get("mlflow_run_id"):
+                tags["wurst.input_run_id"] = upstream["mlflow_run_id"]
+            if upstream.get("phase"):
+                tags["wurst.input_phase"] = upstream["phase"]
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig | None = None,
+              input_uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
+              tags: dict[str, str] | None = None, log_params: bool = True) -> Iterator[Any]:
+    """Open (or resume, with `run_id`) the phase's MLflow run; yields the ActiveRun, or None when
+    tracking is disabled in the config."""
+    mlflow_cfg = mlflow_cfg or MlflowConfig()
+    if not mlflow_cfg.enabled:
+        yield None
+        return
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri_for(data_root, mlflow_cfg.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = experiment_name(phase, mlflow_cfg)
+    exp_id = _ensure_experiment(client, name, uri, data_root)
+    all_tags = lineage_tags(phase, cfg, input_uri)
+    all_tags.update(tags or {})
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                          run_name=None if run_id else (run_name or mlflow_cfg.run_name),
+                          tags=all_tags, log_system_metrics=mlflow_cfg.system_metrics) as run:
+        if log_params and run_id is None:
+            log_config_params(cfg)
+        yield run
+
+
+def find_runs(phase: str, *, tracking_uri: str, experiment_prefix: str = "wurst") -> list:
+    """All runs of a phase's experiment, newest first (tests and the workflow use this)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(f"{experiment_prefix}-{phase}" if experiment_prefix else phase)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
