@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class StageAConfig:
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper")
+
     # Architecture: diffusers PaellaVQModel config keys, so conversion is a plain copy.
     in_channels: int = 3
     out_channels: int = 3
@@ -69,12 +72,23 @@ class StageAConfig:
         return cls(embed_dim=32, bottleneck_blocks=2, num_vq_embeddings=64)
 
     @classmethod
+    def preset(cls, name: str) -> "StageAConfig":
+        if name not in cls.PRESET_NAMES:
+            raise ValueError(f"unknown StageAConfig preset {name!r}; choose one of {list(cls.PRESET_NAMES)}")
+        return getattr(cls, name)()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
     def from_dict(cls, values: dict) -> "StageAConfig":
+        """From a dict such as a saved config; keys starting with "_" (diffusers' bookkeeping:
+        ``_class_name``, ``_diffusers_version``, ...) are ignored, other unknown keys are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
         if unknown:
             raise ValueError(f"StageAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in known})
 
     @property
     def downscale(self) -> int:

@@ -1,0 +1,334 @@
+"""A private local Ray cluster (and optional MLflow server) on this machine.
+
+`up` starts a Ray head with token authentication, dashboard + job server on 127.0.0.1, free ports
+and its own temp dir, plus N worker nodes (separate raylets) so multi-node behaviour can be tested
+on one machine; optionally `mlflow server` on 127.0.0.1 with a SQLite store. Every process is
+started with `--block` in its own session, so `down` can stop exactly the process groups `up`
+started (by pid) and nothing else: never `ray stop`, which kills every Ray on the machine.
+
+The state file (`<state dir>/state.json`) records addresses, pids, the token path and the env vars
+a client needs (`python -m cluster env` prints them as shell exports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+DEFAULT_STATE_DIR = os.path.expanduser(os.environ.get("WURST_CLUSTER_DIR", "~/.cache/wurst/cluster"))
+LOOPBACK = "127.0.0.1"
+
+
+@dataclasses.dataclass
+class Process:
+    role: str
+    pid: int
+    log: str
+
+
+@dataclasses.dataclass
+class ClusterState:
+    state_dir: str
+    temp_dir: str
+    gcs_address: str
+    dashboard_url: str
+    token_path: str
+    data_root: str
+    processes: list[Process]
+    mlflow_url: Optional[str] = None
+    mlflow_store: Optional[str] = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment a client needs to talk to this cluster (ray job submit, MLflow)."""
+        env = {
+            "RAY_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+            "WURST_DATA_ROOT": self.data_root,
+        }
+        if self.mlflow_url:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+        return env
+
+    def save(self) -> None:
+        path = state_file(self.state_dir)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, state_dir: str) -> "ClusterState":
+        with open(state_file(state_dir)) as f:
+            data = json.load(f)
+        data["processes"] = [Process(**p) for p in data["processes"]]
+        return cls(**data)
+
+
+def state_file(state_dir: str) -> str:
+    return os.path.join(state_dir, "state.json")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _ray_binary() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "ray")
+    return candidate if os.path.exists(candidate) else shutil.which("ray") or "ray"
+
+
+def _node_port_args(head: bool) -> list[str]:
+    # Every port explicit and free: two clusters on one machine otherwise collide (6379, 8265, 52365).
+    p = free_ports(9)
+    lo = p[8] if p[8] < 60000 else 20000
+    args = [
+        "--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
+        "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+        "--runtime-env-agent-port", str(p[4]), "--metrics-export-port", str(p[5]),
+    ]
+    # Worker ports: a random 200-port window; Ray probes and skips busy ones.
+    base = 20000 + secrets.randbelow(30000)
+    args += ["--min-worker-port", str(base), "--max-worker-port", str(base + 199)]
+    if head:
+        args += ["--ray-client-server-port", str(p[6])]
+    return args
+
+
+def _spawn(cmd: list[str], log_path: str, env: dict[str, str]) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, start_new_session=True, close_fds=True)
+
+
+def _http_ok(url: str, token: str | None = None, timeout: float = 2.0) -> bool:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _alive_nodes(dashboard_url: str, token: str) -> int:
+    req = urllib.request.Request(f"{dashboard_url}/nodes?view=summary")
+    req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return -1
+    summary = data.get("data", {}).get("summary", [])
+    return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def up(*, attempts: int = 3, **kwargs) -> ClusterState:
+    """Start the cluster; retried because Ray's raylet gives up after a fixed 30 s when the machine
+    is overloaded (seen on busy 2-core boxes)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _up_once(**kwargs)
+        except RuntimeError as exc:
+            if "exited during start-up" not in str(exc) or attempt == attempts:
+                raise
+            print(f"cluster start-up failed ({exc}); retrying ({attempt}/{attempts})", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = DEFAULT_STATE_DIR,
+       data_root: str | None = None, cpus_per_node: int | None = None, timeout: float = 180.0) -> ClusterState:
+    state_dir = os.path.abspath(state_dir)
+    if os.path.exists(state_file(state_dir)):
+        existing = ClusterState.load(state_dir)
+        if any(_pid_alive(p.pid) for p in existing.processes):
+            raise RuntimeError(f"a cluster from {state_dir} is already up ({existing.dashboard_url}); "
+                               f"run `python -m cluster down --state-dir {state_dir}` first")
+    os.makedirs(state_dir, exist_ok=True)
+    # Ray's unix socket paths must stay short (< 108 chars), so the temp dir lives under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="wurst-ray-", dir="/tmp")
+    token_path = os.path.join(state_dir, "auth_token")
+    with open(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    with open(token_path) as f:
+        token = f.read().strip()
+    data_root = os.path.abspath(data_root or os.environ.get("WURST_DATA_ROOT") or "data")
+    os.makedirs(data_root, exist_ok=True)
+
+    gcs_port, dash_port, mlflow_port = free_ports(3)
+    state = ClusterState(state_dir=state_dir, temp_dir=temp_dir, gcs_address=f"{LOOPBACK}:{gcs_port}",
+                         dashboard_url=f"http://{LOOPBACK}:{dash_port}", token_path=token_path,
+                         data_root=data_root, processes=[])
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path, "RAY_USAGE_STATS_ENABLED": "0",
+                "WURST_DATA_ROOT": data_root})
+    # Job entrypoints say `python -m ...`: make that the interpreter that started the cluster.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wurst/torch_extensions"))
+
+    if mlflow_server:
+        store = os.path.join(data_root, "mlflow.db")
+        artifacts = os.path.join(data_root, "mlartifacts")
+        os.makedirs(artifacts, exist_ok=True)
+        cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+               "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", artifacts,
+               "--host", LOOPBACK, "--port", str(mlflow_port), "--workers", "1"]
+        log = os.path.join(state_dir, "mlflow.log")
+        proc = _spawn(cmd, log, env)
+        state.processes.append(Process("mlflow", proc.pid, log))
+        state.mlflow_url = f"http://{LOOPBACK}:{mlflow_port}"
+        state.mlflow_store = f"sqlite:///{store}"
+        # Jobs started by this cluster log to the server.
+        env["MLFLOW_TRACKING_URI"] = state.mlflow_url
+
+    cpu_args = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
+    head_cmd = [_ray_binary(), "start", "--head", "--block", "--node-ip-address", LOOPBACK,
+                "--port", str(gcs_port), "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
+                "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats",
+                *cpu_args, *_node_port_args(head=True)]
+    log = os.path.join(state_dir, "ray-head.log")
+    proc = _spawn(head_cmd, log, env)
+    state.processes.append(Process("ray-head", proc.pid, log))
+    state.save()  # so `down` can clean up even if start-up fails below
+
+    def wait(check, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if check():
+                return
+            dead = [p for p in state.processes if not _pid_alive(p.pid)]
+            if dead:
+                raise RuntimeError(f"{dead[0].role} exited during start-up; see {dead[0].log}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{what} not ready after {timeout:.0f}s; see logs in {state_dir}")
+
+    try:
+        wait(lambda: _http_ok(f"{state.dashboard_url}/api/version", token), "Ray dashboard/job server")
+        for i in range(workers):
+            cmd = [_ray_binary(), "start", "--block", "--address", state.gcs_address, "--node-ip-address",
+                   LOOPBACK, "--disable-usage-stats", *cpu_args, *_node_port_args(head=False)]
+            log = os.path.join(state_dir, f"ray-worker-{i}.log")
+            proc = _spawn(cmd, log, env)
+            state.processes.append(Process(f"ray-worker-{i}", proc.pid, log))
+        state.save()
+        wait(lambda: _alive_nodes(state.dashboard_url, token) >= 1 + workers, f"{1 + workers} Ray nodes")
+        if mlflow_server:
+            wait(lambda: _http_ok(f"{state.mlflow_url}/health"), "MLflow server")
+    except BaseException:
+        down(state_dir=state_dir)
+        raise
+    return state
+
+
+def _session_pids(temp_dir: str) -> list[int]:
+    """Processes whose command line mentions our private temp dir: ours by construction."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # each process was started as its own session leader
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def down(*, state_dir: str = DEFAULT_STATE_DIR, grace: float = 15.0) -> list[int]:
+    """Stop what `up` started (workers first, then head, then MLflow); returns leftover pids (empty)."""
+    state_dir = os.path.abspath(state_dir)
+    if not os.path.exists(state_file(state_dir)):
+        return []
+    state = ClusterState.load(state_dir)
+    order = sorted(state.processes, key=lambda p: {"ray-head": 1, "mlflow": 2}.get(p.role, 0))
+    for proc in order:
+        _kill_group(proc.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_pid_alive(p.pid) for p in order):
+        time.sleep(0.2)
+    for proc in order:
+        _kill_group(proc.pid, signal.SIGKILL)
+    # Ray daemons that escaped the process groups still name our temp dir on their command line.
+    for pid in _session_pids(state.temp_dir):
+        _kill_group(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    leftovers = [p for p in _session_pids(state.temp_dir) if _pid_alive(p)]
+    leftovers += [p.pid for p in order if _pid_alive(p.pid)]
+    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    if not leftovers:
+        os.remove(state_file(state_dir))
+    return leftovers
+
+
+def status(*, state_dir: str = DEFAULT_STATE_DIR) -> dict:
+    state_dir = os.path.abspath(state_dir)
+    if not os.path.exists(state_file(state_dir)):
+        return {"up": False, "state_dir": state_dir}
+    state = ClusterState.load(state_dir)
+    with open(state.token_path) as f:
+        token = f.read().strip()
+    procs = {p.role: {"pid": p.pid, "alive": _pid_alive(p.pid)} for p in state.processes}
+    return {
+        "up": all(p["alive"] for p in procs.values()),
+        "state_dir": state_dir,
+        "dashboard_url": state.dashboard_url,
+        "gcs_address": state.gcs_address,
+        "mlflow_url": state.mlflow_url,
+        "token_path": state.token_path,
+        "data_root": state.data_root,
+        "alive_nodes": _alive_nodes(state.dashboard_url, token),
+        "processes": procs,
+    }

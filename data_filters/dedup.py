@@ -1,0 +1,111 @@
+"""Exact de-duplication by normalised URL, in hash buckets that fit one worker's memory.
+
+Two rows are duplicates when their URLs are equal after normalisation: surrounding whitespace
+stripped, scheme and authority (host, port, user info) lower-cased, fragment removed. Path and
+query stay case-sensitive: servers treat them so. Of each group the row with the highest
+aesthetic score is kept; ties go to the lexicographically smallest caption (UTF-8 byte order,
+which is code point order), then to the smallest URL, then uid, then input position, so the
+result never depends on the order rows arrive in. Rows without a score or caption lose to rows
+with one.
+
+The global de-dup is distributed by `bucket_of`: a stable hash of the normalised URL modulo the
+number of buckets. All duplicates of a URL land in the same bucket, so each bucket is de-duplicated
+on its own (`keep_best`) and no process ever holds more than one bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_filters import hashing
+
+# scheme "://" authority; the rest (path, query) is kept as is. (?s): URLs with stray newlines.
+_HEAD_AND_REST = r"(?s)^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*)(?P<rest>.*)$"
+
+SOURCE_POSITION = "_src"  # optional int64 column: input position, the last tie-breaker
+
+
+def normalize_url(urls: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The de-dup key of each URL (null stays null)."""
+    if isinstance(urls, pa.ChunkedArray):
+        urls = urls.combine_chunks() if urls.num_chunks != 1 else urls.chunk(0)
+    stripped = pc.utf8_trim_whitespace(urls)
+    no_fragment = pc.replace_substring_regex(stripped, r"(?s)#.*$", "", max_replacements=1)
+    parts = pc.extract_regex(no_fragment, _HEAD_AND_REST)
+    head = pc.utf8_lower(pc.struct_field(parts, "head"))
+    rest = pc.struct_field(parts, "rest")
+    rebuilt = pc.binary_join_element_wise(head, rest, "")
+    # No "scheme://" (only possible with the URL filter off): compare the stripped text as is.
+    return pc.if_else(pc.is_valid(parts), rebuilt, no_fragment)
+
+
+def bucket_of(keys: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
+    """Bucket index (int64 in [0, num_buckets)) per normalised URL; stable across runs/machines."""
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets must be >= 1, got {num_buckets}")
+    if num_buckets == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    return (hashing.hash64(keys) % np.uint64(num_buckets)).astype(np.int64)
+
+
+def sort_keys(table: pa.Table, key_column: str) -> list[tuple[str, str]]:
+    keys = [(key_column, "ascending"), ("aesthetic", "descending"), ("TEXT", "ascending"),
+            ("URL", "ascending")]
+    if "uid" in table.column_names:
+        keys.append(("uid", "ascending"))
+    if SOURCE_POSITION in table.column_names:
+        keys.append((SOURCE_POSITION, "ascending"))
+    return keys
+
+
+_PER_KEY_NULL_PLACEMENT = int(pa.__version__.split(".")[0]) >= 25
+
+
+def _sort_indices_nulls_last(table: pa.Table, keys: list[tuple[str, str]]) -> pa.Array:
+    # pyarrow 25 moved null_placement into each sort key and deprecated the global option.
+    if _PER_KEY_NULL_PLACEMENT:
+        return pc.sort_indices(table, sort_keys=[(name, order, "at_end") for name, order in keys])
+    return pc.sort_indices(table, sort_keys=keys, null_placement="at_end")
+
+
+@dataclasses.dataclass
+class DedupResult:
+    kept: pa.Table  # one row per distinct normalised URL, ordered by that key
+    removed_rows: np.ndarray  # positions (in the input table) of the rows removed as duplicates
+    kept_rows_for_removed: np.ndarray  # position of the row kept in place of each removed one
+
+    @property
+    def removed(self) -> int:
+        return len(self.removed_rows)
+
+    def duplicates(self, table: pa.Table) -> pa.Table:
+        """uid of each removed row and the uid of the row kept in its place."""
+        uid = table.column("uid")
+        return pa.table({"uid": uid.take(pa.array(self.removed_rows, pa.int64())),
+                         "kept_uid": uid.take(pa.array(self.kept_rows_for_removed, pa.int64()))})
+
+
+def keep_best(table: pa.Table) -> DedupResult:
+    """Keep one row per normalised URL (highest aesthetic, then smallest caption; see module doc).
+
+    `table` needs URL, TEXT and aesthetic; uid and `_src` are used as final tie-breakers when
+    present. Rows with a null URL are never duplicates of each other."""
+    key_column = "_dedup_key"
+    keyed = table.append_column(key_column, normalize_url(table.column("URL")))
+    order = _sort_indices_nulls_last(keyed, sort_keys(keyed, key_column))
+    keys = keyed.column(key_column).take(order)
+    rows = len(keys)
+    first = np.ones(rows, dtype=bool)
+    if rows > 1:
+        differs = pc.not_equal(keys.slice(1), keys.slice(0, rows - 1))
+        first[1:] = pc.fill_null(differs, True).to_numpy(zero_copy_only=False)
+    order_np = order.to_numpy()
+    kept = table.take(pa.array(order_np[first]))
+    dup_positions = np.flatnonzero(~first)
+    group_head = np.flatnonzero(first)[np.cumsum(first)[dup_positions] - 1]
+    return DedupResult(kept=kept, removed_rows=order_np[dup_positions].astype(np.int64),
+                       kept_rows_for_removed=order_np[group_head].astype(np.int64))

@@ -1,0 +1,161 @@
+"""DeepSpeed glue for the trainer: engine config, safe checkpoint loading, full-weight gathering.
+
+Kept apart from the training loop so the rules that bite are in one place:
+
+* DeepSpeed JIT-compiles ops on first use (the CPU shared-memory all-reduce; an ``"optimizer"`` block
+  would also build a fused Adam). We pass a ``torch.optim.AdamW`` built in Python and keep
+  ``TORCH_EXTENSIONS_DIR`` in a cached place so the build happens once per machine.
+* ``gradient_clipping`` changed its default to 1.0 in 0.19.3: the config always sets it.
+* DeepSpeed's own checkpoint loader uses ``torch.load(weights_only=False)``; our engines load with
+  ``weights_only=True`` and an explicit allow-list of the few DeepSpeed classes its files contain.
+* Under ZeRO-3 ``module.parameters()`` are empty placeholders. Full fp32 weights (for the EMA export,
+  sample grids and the final export) come from the optimizer's fp32 master partitions through
+  ``deepspeed.utils.safe_get_full_fp32_param``, a collective that every rank must call in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import torch
+
+DEFAULT_TORCH_EXTENSIONS_DIR = os.path.join("~", ".cache", "wurst", "torch_extensions")
+
+# Names of the fp32 master partitions in DeepSpeed's optimizer wrappers (ZeRO-1/2, ZeRO-3, BF16_Optimizer).
+_MASTER_PARTITION_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                                "fp32_groups_flat_partition")
+
+
+def ensure_extensions_dir() -> str:
+    """Point TORCH_EXTENSIONS_DIR at the shared cache (unless the user set it) before DeepSpeed loads."""
+    path = os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR") or DEFAULT_TORCH_EXTENSIONS_DIR)
+    os.environ["TORCH_EXTENSIONS_DIR"] = path
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def import_deepspeed():
+    ensure_extensions_dir()
+    import deepspeed
+
+    return deepspeed
+
+
+def engine_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
+                  bf16: bool, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeed config of one engine. No "optimizer"/"scheduler" blocks: both are built in Python."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bool(bf16)},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if zero_stage == 3:
+        # Gather at module granularity; the defaults prefetch for huge models and are fine on GPU.
+        config["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Loading DeepSpeed checkpoints without unpickling arbitrary objects
+
+
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def make_safe_checkpoint_engine(config_params=None):
+    """A DeepSpeed checkpoint engine whose ``load`` uses ``torch.load(weights_only=True)``."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                raise RuntimeError(
+                    f"{path}: refusing to load a DeepSpeed checkpoint file with weights_only=True "
+                    f"({type(exc).__name__}: {exc}); classes outside the allow-list: {unsafe}"
+                ) from exc
+
+    return WeightsOnlyCheckpointEngine(config_params)
+
+
+def use_safe_checkpoint_loading(engine) -> None:
+    engine.checkpoint_engine = make_safe_checkpoint_engine(getattr(engine, "_config", None))
+
+
+# --------------------------------------------------------------------------------------------
+# fp32 master weights
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master-weight partitions (what the optimizer updates), one per param group."""
+    optimizer = engine.optimizer
+    for attribute in _MASTER_PARTITION_ATTRIBUTES:
+        flats = getattr(optimizer, attribute, None)
+        if flats:
+            return list(flats)
+    raise RuntimeError(
+        f"cannot find fp32 master partitions in DeepSpeed optimizer {type(optimizer).__name__}; "
+        f"the trainer needs ZeRO stage 1, 2 or 3"
+    )
+
+
+def full_fp32_state_dict(engine, *, on_rank0_only: bool = True) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights (parameters from the master partitions + buffers) of the engine's module,
+    on CPU, keyed as the module's state_dict. Collective: every rank must call it. Returns the dict on
+    rank 0 (or on every rank with ``on_rank0_only=False``), None elsewhere."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    keep = rank == 0 or not on_rank0_only
+    out: dict[str, torch.Tensor] = {}
+    module = engine.module
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            value = _gather_frozen(param)
+        else:
+            value = safe_get_full_fp32_param(param)
+            if value is None:
+                raise RuntimeError(f"parameter {name!r} has no fp32 master copy (is ZeRO enabled?)")
+        if keep:
+            out[name] = value.detach().float().cpu().clone()
+    if not keep:
+        return None
+    for name, buffer in module.named_buffers():
+        if _is_persistent_buffer(module, name):
+            out[name] = buffer.detach().cpu().clone()
+    return out
+
+
+def _gather_frozen(param: torch.Tensor) -> torch.Tensor:
+    if hasattr(param, "ds_id"):  # ZeRO-3 partitioned, not in the optimizer
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().float().cpu().clone()
+    return param.detach().float()
+
+
+def _is_persistent_buffer(module: torch.nn.Module, dotted: str) -> bool:
+    owner_name, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf not in getattr(owner, "_non_persistent_buffers_set", set())
+
+
+def param_names_in_order(module: torch.nn.Module) -> Iterator[str]:
+    for name, _ in module.named_parameters():
+        yield name

@@ -1,0 +1,188 @@
+"""Reader of a `download` output (img2dataset webdataset shards) for Stage A training.
+
+``ImageShardDataset(uri, rank, world_size, seed, start_offset, batch_size, image_size, crop_size)`` is a
+``torch.utils.data.IterableDataset`` yielding batches ``{"images": (B, 3, crop, crop) float in [0, 1],
+"key": [str]}``: each image is resized so its shorter side is ``image_size`` and cropped at a random
+position to ``crop_size`` (paper: 128 px crops of images resized to 256).
+
+Ordering contract (the one ``pipelines.latent_dataset`` documents, with whole shards as blocks)
+------------------------------------------------------------------------------------------------
+* N images are the members of the ``NNNNN.tar`` shards (sorted by name) with an image extension, in
+  tar order; per-shard counts come from ``NNNNN_stats.json`` ("successes"), else from the shard's
+  parquet (status == "success"), else from scanning the tar.
+* Epoch ``e``: shards permuted with ``numpy.random.default_rng([seed, e])`` and concatenated; rank r
+  of W takes the contiguous range ``[r*M, (r+1)*M)``, ``M = N // W``; the range is cut into windows of
+  ``shuffle_window`` samples, each permuted with ``default_rng([seed, e, r, W, window])``.
+* The rank's stream is its epoch sequences back to back, started ``start_offset`` samples in; batch
+  ``j`` of the stream goes to DataLoader worker ``j % K``, so ``DataLoader(ds, batch_size=None,
+  num_workers=K)`` returns the stream in order for any K.
+* The crop of the sample at stream position p of epoch e comes from ``default_rng([seed, e, p])``:
+  a resumed run crops exactly like an uninterrupted one, without saving any RNG state.
+Tar member offsets are read lazily, only for the shards this rank actually reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import tarfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipelines import storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageShardError(ValueError):
+    """The image shards are not what the reader expects; the message names the file."""
+
+
+def list_shards(uri: str) -> list[str]:
+    shards = [p for p in storage.list_files(uri, suffix=".tar")]
+    if not shards:
+        raise ImageShardError(f"{uri}: no .tar shards (expected img2dataset webdataset output)")
+    return sorted(shards)
+
+
+def _scan_tar(path: str) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of the image members of a tar, in tar order."""
+    out = []
+    with storage.open_input(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append((member.name, member.offset_data, member.size))
+    return out
+
+
+def shard_count(tar_path: str) -> int:
+    """Number of images in a shard, from img2dataset's side files when present."""
+    stem = tar_path[: -len(".tar")]
+    stats = stem + "_stats.json"
+    if storage.exists(stats):
+        data = storage.read_json(stats)
+        if isinstance(data.get("successes"), int):
+            return int(data["successes"])
+    table_path = stem + ".parquet"
+    if storage.exists(table_path):
+        import pyarrow.parquet as pq
+
+        with storage.open_input(table_path) as handle:
+            table = pq.read_table(handle, columns=["status"])
+        return int(sum(1 for s in table.column("status").to_pylist() if s == "success"))
+    return len(_scan_tar(tar_path))
+
+
+def count_images(uri: str) -> int:
+    return sum(shard_count(s) for s in list_shards(uri))
+
+
+def decode_and_crop(data: bytes, image_size: int, crop_size: int, rng: np.random.Generator, source: str) -> np.ndarray:
+    """JPEG/PNG bytes -> (3, crop, crop) float32 in [0, 1]: shorter side resized to image_size, random crop."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = image_size / min(w, h)
+            size = (max(crop_size, round(w * scale)), max(crop_size, round(h * scale)))
+            image = image.resize(size, Image.BICUBIC, reducing_gap=None)
+            pixels = np.asarray(image, dtype=np.float32) / 255.0
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        raise ImageShardError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    top = int(rng.integers(0, pixels.shape[0] - crop_size + 1))
+    left = int(rng.integers(0, pixels.shape[1] - crop_size + 1))
+    return np.ascontiguousarray(pixels[top:top + crop_size, left:left + crop_size].transpose(2, 0, 1))
+
+
+class ImageShardDataset(IterableDataset):
+    def __init__(self, uri: str, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_offset: int = 0,
+                 batch_size: int = 1, image_size: int = 256, crop_size: int = 128, shuffle_window: int = 1024,
+                 open_index: int = 64):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ImageShardError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        if crop_size > image_size:
+            raise ImageShardError(f"crop_size {crop_size} is larger than image_size {image_size}")
+        self.uri = storage.normalize(uri)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_offset, self.batch_size = start_offset, batch_size
+        self.image_size, self.crop_size, self.shuffle_window = image_size, crop_size, shuffle_window
+        self.shards = list_shards(self.uri)
+        self.counts = np.asarray([shard_count(s) for s in self.shards], dtype=np.int64)
+        self.num_samples = int(self.counts.sum())
+        self.samples_per_epoch = self.num_samples // world_size
+        if self.samples_per_epoch == 0:
+            raise ImageShardError(f"{self.uri}: {self.num_samples} images cannot be split over {world_size} ranks")
+        self.open_index = open_index
+        self._index: collections.OrderedDict[int, list[tuple[str, int, int]]] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_index"] = collections.OrderedDict()
+        return state
+
+    # ------------------------------------------------------------------ order
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return order, np.cumsum(self.counts[order])
+
+    def positions(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """(epoch, stream position, shard, index in shard) of stream positions [start, stop)."""
+        out = []
+        per_epoch = self.samples_per_epoch
+        layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        perms: dict[tuple[int, int], np.ndarray] = {}
+        for p in range(start, stop):
+            epoch, q = divmod(p, per_epoch)
+            window, inner = divmod(q, self.shuffle_window)
+            if epoch not in layouts:
+                layouts[epoch] = self._epoch_layout(epoch)
+            order, ends = layouts[epoch]
+            key = (epoch, window)
+            if key not in perms:
+                length = min(self.shuffle_window, per_epoch - window * self.shuffle_window)
+                perms[key] = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, window]).permutation(length)
+            seq = self.rank * per_epoch + window * self.shuffle_window + int(perms[key][inner])
+            slot = int(np.searchsorted(ends, seq, side="right"))
+            shard = int(order[slot])
+            index = seq - int(ends[slot] - self.counts[shard])
+            out.append((epoch, p, shard, index))
+        return out
+
+    # ------------------------------------------------------------------ reading
+    def _members(self, shard: int) -> list[tuple[str, int, int]]:
+        members = self._index.get(shard)
+        if members is None:
+            members = _scan_tar(self.shards[shard])
+            if len(members) != self.counts[shard]:
+                raise ImageShardError(f"{self.shards[shard]}: {len(members)} images in the tar, its stats say "
+                                      f"{int(self.counts[shard])}")
+            self._index[shard] = members
+            while len(self._index) > self.open_index:
+                self._index.popitem(last=False)
+        return members
+
+    def load(self, epoch: int, position: int, shard: int, index: int) -> tuple[np.ndarray, str]:
+        name, offset, size = self._members(shard)[index]
+        with storage.open_input(self.shards[shard]) as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        rng = np.random.default_rng([self.seed, epoch, position])
+        source = f"{self.shards[shard]}:{name}"
+        return decode_and_crop(data, self.image_size, self.crop_size, rng, source), name.rsplit(".", 1)[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        batch = 0
+        while True:
+            if batch % n_workers == worker:
+                start = self.start_offset + batch * self.batch_size
+                items = [self.load(*pos) for pos in self.positions(start, start + self.batch_size)]
+                yield {"images": torch.from_numpy(np.stack([i[0] for i in items])), "key": [i[1] for i in items]}
+            batch += 1

@@ -1,0 +1,253 @@
+"""Text encoder: the text tower of an open_clip CLIP model, returning the *unpooled* last hidden
+states (B, 77, width) that Stage B and Stage C cross-attend to.
+
+The computation is open_clip's own text path without the pooling / projection:
+token_embedding + positional_embedding -> transformer(causal attn_mask) -> ln_final.
+Module attribute names equal open_clip ``CLIP``'s text attributes, so the text part of an open_clip
+checkpoint (``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``) loads key for key.
+
+Presets: ``clip_h`` (ViT-H-14, width 1024: the paper's Stage B and CLIP-H Stage C), ``clip_bigg``
+(ViT-bigG-14, width 1280: the released Stage C), ``tiny`` (a 2-layer, width-32 CLIP registered
+with open_clip under ``wurst-tiny-clip``, for tests and the demo).
+
+Weights never come from a hub: ``weights_path`` names a local file (safetensors, or a torch file read
+with ``weights_only=True``). With ``weights_path=None`` the tower has random weights, which is what
+tests use and what ``stages.load`` fills from a saved checkpoint. This module may read local weight
+files: it is the documented exception to "no I/O in stages/".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from stages.checkpoint import read_state_dict_file
+
+TINY_CLIP_NAME = "wurst-tiny-clip"
+TINY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+DEFAULT_WEIGHTS_KEY = "text.weights_path"
+
+
+@dataclass
+class TextEncoderConfig:
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper", "clip-h", "clip-bigg")
+
+    model_name: str = "ViT-H-14"
+    weights_path: str | None = None
+    # An inline open_clip model config ({"embed_dim", "vision_cfg", "text_cfg"}); when set it is
+    # registered with open_clip under ``model_name`` (custom or tiny towers). None: use open_clip's
+    # bundled config for ``model_name``.
+    model_cfg: dict | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError(f"TextEncoderConfig.model_name: expected a non-empty string, got {self.model_name!r}")
+        if self.model_cfg is not None:
+            missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in self.model_cfg]
+            if missing:
+                raise ValueError(f"TextEncoderConfig.model_cfg: missing keys {missing}")
+
+    @classmethod
+    def clip_h(cls, weights_path: str | None = None) -> "TextEncoderConfig":
+        return cls(model_name="ViT-H-14", weights_path=weights_path)
+
+    @classmethod
+    def clip_bigg(cls, weights_path: str | None = None) -> "TextEncoderConfig":
+        return cls(model_name="ViT-bigG-14", weights_path=weights_path)
+
+    paper = clip_h
+
+    @classmethod
+    def tiny(cls, weights_path: str | None = None) -> "TextEncoderConfig":
+        return cls(model_name=TINY_CLIP_NAME, weights_path=weights_path, model_cfg=json.loads(json.dumps(TINY_CLIP_CONFIG)))
+
+    @classmethod
+    def preset(cls, name: str) -> "TextEncoderConfig":
+        builders = {"tiny": cls.tiny, "paper": cls.clip_h, "clip-h": cls.clip_h, "clip-bigg": cls.clip_bigg}
+        if name not in builders:
+            raise ValueError(f"unknown text encoder preset {name!r}; choose one of {list(cls.PRESET_NAMES)}")
+        return builders[name]()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TextEncoderConfig":
+        """From a dict such as a saved config; keys starting with "_" (diffusers' bookkeeping:
+        ``_class_name``, ``_diffusers_version``, ...) are ignored, other unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in values if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"TextEncoderConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def register_open_clip_config(name: str, model_cfg: dict) -> None:
+    """Make ``name`` known to open_clip (create_model, get_tokenizer) through its public
+    ``add_model_config``, which reads JSON files; the file only needs to exist during the call."""
+    import open_clip
+
+    if open_clip.get_model_config(name) == model_cfg:
+        return
+    with tempfile.TemporaryDirectory(prefix="wurst-open-clip-") as folder:
+        path = os.path.join(folder, f"{name}.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(model_cfg, handle)
+        open_clip.add_model_config(path)
+
+
+def resolve_model_cfg(config: TextEncoderConfig) -> dict:
+    import open_clip
+
+    if config.model_cfg is not None:
+        register_open_clip_config(config.model_name, config.model_cfg)
+        return config.model_cfg
+    model_cfg = open_clip.get_model_config(config.model_name)
+    if model_cfg is None:
+        raise ValueError(
+            f"TextEncoderConfig.model_name: open_clip has no model config {config.model_name!r} "
+            f"(pass TextEncoderConfig.model_cfg for a custom tower)"
+        )
+    return model_cfg
+
+
+def _strip_prefixes(key: str) -> str:
+    # DDP-wrapped training checkpoints prefix "module."; CustomTextCLIP keeps its tower under "text.".
+    for prefix in ("module.", "text."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig | None = None, weights_key: str = DEFAULT_WEIGHTS_KEY):
+        super().__init__()
+        import open_clip.model as open_clip_model
+
+        self.config = config = config or TextEncoderConfig()
+        model_cfg = resolve_model_cfg(config)
+        text_cfg = dict(model_cfg["text_cfg"])
+        if text_cfg.get("hf_model_name"):
+            raise ValueError(
+                f"TextEncoderConfig.model_name: {config.model_name!r} uses a Hugging Face text tower "
+                f"({text_cfg['hf_model_name']}); only open_clip's own TextTransformer is supported"
+            )
+        if text_cfg.get("embed_cls"):
+            raise ValueError(f"TextEncoderConfig.model_name: {config.model_name!r} appends a CLS token (CoCa); not supported")
+        tower = open_clip_model._build_text_tower(model_cfg["embed_dim"], text_cfg, model_cfg.get("quick_gelu", False), None)
+        self.context_length = tower.context_length
+        self.width = tower.width
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        # Unused for the unpooled states; kept so open_clip checkpoints load strictly and pooled
+        # features stay available for CLIP-score evaluation.
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self._tokenizer = None
+        if config.weights_path is not None:
+            self.load_open_clip_weights(config.weights_path, weights_key)
+
+    def reset_non_persistent_buffers(self) -> None:
+        """Rebuild buffers that are not in the state dict (after a meta-device construction)."""
+        device = self.token_embedding.weight.device
+        n = self.context_length
+        self.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)
+
+    # ------------------------------------------------------------------ weights
+    def load_open_clip_weights(self, path: str | os.PathLike, weights_key: str = DEFAULT_WEIGHTS_KEY) -> None:
+        """Load the text part of an open_clip checkpoint (full CLIP or text-only) from a local file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text encoder weights not found: {path} (config key {weights_key})")
+        own_keys = set(self.state_dict().keys())
+        source = read_state_dict_file(path, wanted=lambda key: _strip_prefixes(key) in own_keys)
+        state = {}
+        for key, value in source.items():
+            stripped = _strip_prefixes(key)
+            if stripped in own_keys:
+                state[stripped] = value
+        missing = sorted(own_keys - state.keys())
+        if missing:
+            raise ValueError(
+                f"{path} (config key {weights_key}) is not an open_clip {self.config.model_name} checkpoint: "
+                f"missing {len(missing)} text keys, e.g. {missing[:5]}"
+            )
+        for key, value in state.items():
+            expected = self.state_dict()[key].shape
+            if value.shape != expected:
+                raise ValueError(
+                    f"{path} (config key {weights_key}): {key} has shape {tuple(value.shape)}, "
+                    f"{self.config.model_name} expects {tuple(expected)}"
+                )
+        self.load_state_dict(state, strict=True)
+
+    # ------------------------------------------------------------------ text -> embeddings
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            import open_clip
+
+            resolve_model_cfg(self.config)  # a custom name must be registered before lookup
+            self._tokenizer = open_clip.get_tokenizer(self.config.model_name, context_length=self.context_length)
+        return self._tokenizer
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"TextEncoder: expected a list of caption strings, got {type(captions).__name__}")
+        return self.tokenizer(list(captions))
+
+    def encode_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, context_length) -> unpooled last hidden states (B, context_length, width)."""
+        if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length:
+            raise ValueError(
+                f"TextEncoder: expected token ids (B, {self.context_length}), got {tuple(token_ids.shape)}"
+            )
+        token_ids = token_ids.to(self.token_embedding.weight.device)
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(token_ids).to(cast_dtype) + self.positional_embedding.to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        return self.ln_final(x)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens(token_ids)
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> (B, 77, width) unpooled text states."""
+        return self.encode_tokens(self.tokenize(captions))
+
+    def empty_embedding(self, batch_size: int = 1) -> torch.Tensor:
+        """Embedding of the empty caption: the unconditional input for classifier-free guidance."""
+        return self.encode([""]).expand(batch_size, -1, -1)
+
+    def pooled(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's pooled, projected text feature (EOT token = highest id) from ``encode_tokens``."""
+        token_ids = token_ids.to(hidden_states.device)
+        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), token_ids.argmax(dim=-1)]
+        if self.text_projection is None:
+            return pooled
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
+
+
+__all__ = [
+    "TextEncoderConfig",
+    "TextEncoder",
+    "TINY_CLIP_NAME",
+    "TINY_CLIP_CONFIG",
+    "register_open_clip_config",
+]

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real local Ray cluster started the way users start it (`python -m cluster up`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+RAY = os.path.join(os.path.dirname(PYTHON), "ray")
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wurst/torch_extensions"))
+# An embedded Ray started by a test must not pick up a token meant for a submitted job.
+for _var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    os.environ.pop(_var, None)
+
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclasses.dataclass
+class LocalRayCluster:
+    state_dir: str
+    data_root: str
+    dashboard_url: str
+    env: dict
+
+    def _ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, *args], env=self.env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def _api(self, path: str) -> dict:
+        """The job server's REST API, authenticated with the cluster token."""
+        with open(self.env["RAY_AUTH_TOKEN_PATH"]) as f:
+            token = f.read().strip()
+        req = urllib.request.Request(f"{self.dashboard_url}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def status(self, job_id: str) -> str:
+        return self._api(f"/api/jobs/{job_id}")["status"]
+
+    def logs(self, job_id: str) -> str:
+        return self._api(f"/api/jobs/{job_id}/logs")["logs"]
+
+    def submit_nowait(self, args: list[str], job_id: str | None = None) -> str:
+        job_id = job_id or f"test-{uuid.uuid4().hex[:10]}"
+        out = self._ray("job", "submit", "--address", self.dashboard_url, "--submission-id", job_id,
+                        "--runtime-env", "ray_job.yaml", "--no-wait", "--", *args)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray job submit failed: {out.stdout}\n{out.stderr}")
+        return job_id
+
+    def wait(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
+        deadline = time.time() + timeout
+        status = "UNKNOWN"
+        while time.time() < deadline:
+            status = self.status(job_id)
+            if status in TERMINAL:
+                break
+            time.sleep(2)
+        else:
+            self._ray("job", "stop", "--address", self.dashboard_url, job_id)
+        return status, self.logs(job_id)
+
+    def submit(self, args: list[str], timeout: float = 600) -> tuple[str, str]:
+        """`ray job submit --runtime-env ray_job.yaml -- ARGS...`; returns (final status, logs)."""
+        return self.wait(self.submit_nowait(args), timeout)
+
+
+def _cluster_cmd(state_dir: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "cluster", "--state-dir", state_dir, *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A Ray head + 1 worker node with token auth, on free loopback ports, own temp dir."""
+    base = tmp_path_factory.mktemp("ray-cluster")
+    state_dir, data_root = str(base / "state"), str(base / "data")
+    up = _cluster_cmd(state_dir, "up", "--workers", "1", "--data-root", data_root)
+    if up.returncode != 0:
+        _cluster_cmd(state_dir, "down")
+        pytest.fail(f"python -m cluster up failed:\n{up.stdout}\n{up.stderr}")
+    with open(os.path.join(state_dir, "state.json")) as f:
+        state = json.load(f)
+    env = dict(os.environ)
+    env.update({"RAY_ADDRESS": state["dashboard_url"], "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": state["token_path"], "WURST_DATA_ROOT": data_root})
+    try:
+        yield LocalRayCluster(state_dir=state_dir, data_root=data_root, dashboard_url=state["dashboard_url"],
+                              env=env)
+    finally:
+        down = _cluster_cmd(state_dir, "down")
+        assert down.returncode == 0, f"cluster down left processes behind: {down.stdout}{down.stderr}"
