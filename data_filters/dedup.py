@@ -23,24 +23,74 @@ import pyarrow.compute as pc
 
 from data_filters import hashing
 
-# scheme "://" authority; the rest (path, query) is kept as is. (?s): URLs with stray newlines.
-_HEAD_AND_REST = r"(?s)^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*)(?P<rest>.*)$"
+# A URL that starts with a scheme: only then is there an authority to lower-case.
+_SCHEME_PREFIX = r"^[A-Za-z][A-Za-z0-9+.\-]*://"
 
 SOURCE_POSITION = "_src"  # optional int64 column: input position, the last tie-breaker
 
 
+def _span_positions(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Concatenated byte positions of the half-open spans [starts, stops)."""
+    lengths = stops - starts
+    out_begin = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - out_begin, lengths)
+
+
+def _first_at_or_after(positions: np.ndarray, starts: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """Per span: the first of the sorted byte `positions` in [start, limit), else `limit`."""
+    if len(positions) == 0:
+        return limits.copy()
+    index = np.searchsorted(positions, starts)
+    found = positions[np.minimum(index, len(positions) - 1)]
+    return np.where((index < len(positions)) & (found < limits), found, limits)
+
+
 def normalize_url(urls: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The de-dup key of each URL (null stays null)."""
+    """The de-dup key of each URL (null stays null).
+
+    Vectorised with numpy over the column's bytes (RE2 capture groups measured ~5 us per URL,
+    this well under 1 us): strip, cut at the first '#', ASCII-lower-case the scheme and the
+    authority (up to the first '/', '?' or '#' after "://"). Hosts are compared ASCII
+    case-insensitively, as DNS does; internationalised hosts arrive punycode- or %-encoded."""
     if isinstance(urls, pa.ChunkedArray):
         urls = urls.combine_chunks() if urls.num_chunks != 1 else urls.chunk(0)
-    stripped = pc.utf8_trim_whitespace(urls)
-    no_fragment = pc.replace_substring_regex(stripped, r"(?s)#.*$", "", max_replacements=1)
-    parts = pc.extract_regex(no_fragment, _HEAD_AND_REST)
-    head = pc.utf8_lower(pc.struct_field(parts, "head"))
-    rest = pc.struct_field(parts, "rest")
-    rebuilt = pc.binary_join_element_wise(head, rest, "")
-    # No "scheme://" (only possible with the URL filter off): compare the stripped text as is.
-    return pc.if_else(pc.is_valid(parts), rebuilt, no_fragment)
+    stripped = pc.utf8_trim_whitespace(urls.cast(pa.string()))
+    count = len(stripped)
+    has_scheme = pc.fill_null(pc.match_substring_regex(stripped, _SCHEME_PREFIX), False)
+    separator = pc.fill_null(pc.find_substring(stripped, "://"), -1).to_numpy(zero_copy_only=False)
+    has_scheme = has_scheme.to_numpy(zero_copy_only=False)
+
+    wide = stripped.cast(pa.large_string())
+    _, offsets_buffer, data_buffer = wide.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[wide.offset:wide.offset + count + 1]
+    base = int(offsets[0]) if count else 0
+    total = int(offsets[-1]) - base if count else 0
+    data = (np.frombuffer(data_buffer, dtype=np.uint8)[base:base + total] if data_buffer is not None
+            else np.zeros(0, dtype=np.uint8))
+    starts, ends = offsets[:-1] - base, offsets[1:] - base
+
+    fragment_at = _first_at_or_after(np.flatnonzero(data == ord("#")), starts, ends)
+    authority_start = np.where(has_scheme, starts + separator + 3, starts)
+    delimiters = np.flatnonzero((data == ord("/")) | (data == ord("?")) | (data == ord("#")))
+    head_end = np.where(has_scheme, _first_at_or_after(delimiters, authority_start, fragment_at), starts)
+
+    out = data.copy()
+    head = _span_positions(starts[has_scheme], head_end[has_scheme])
+    head_bytes = out[head]
+    upper = (head_bytes >= ord("A")) & (head_bytes <= ord("Z"))
+    out[head[upper]] = head_bytes[upper] + (ord("a") - ord("A"))
+    new_offsets = offsets - base
+    if (fragment_at < ends).any():
+        keep = np.ones(total, dtype=bool)
+        keep[_span_positions(fragment_at, ends)] = False  # fragments are short: index only them
+        out = out[keep]
+        new_offsets = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(fragment_at - starts, out=new_offsets[1:])
+    # A fresh bitmap (offset 0) of the valid entries: `wide` itself may be a slice.
+    validity = wide.is_valid().buffers()[1] if wide.null_count else None
+    keys = pa.LargeStringArray.from_buffers(count, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(out.tobytes()),
+                                            validity, wide.null_count)
+    return keys.cast(pa.string())
 
 
 def bucket_of(keys: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:

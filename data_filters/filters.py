@@ -348,8 +348,8 @@ def _valid(column: pa.ChunkedArray) -> np.ndarray:
     return _to_numpy_bool(pc.is_valid(column))
 
 
-# Below this fraction of surviving rows the working table is compacted, so the remaining
-# (more expensive, string) filters only look at survivors.
+# Below this fraction of surviving rows the working set is compacted, so the remaining (more
+# expensive, string) filters only look at survivors.
 COMPACT_BELOW = 0.5
 
 
@@ -357,21 +357,27 @@ def apply_filters(table: pa.Table, cfg: FiltersConfig) -> tuple[np.ndarray, list
     """Run the enabled filters in order over `table`.
 
     Returns the keep mask over the rows of `table` (numpy bool) and one `FilterStep` per enabled
-    filter with the rows it removed per reason; `table.num_rows == mask.sum() + all removed`."""
+    filter with the rows it removed per reason; `table.num_rows == mask.sum() + all removed`.
+    Each filter sees a table of just its columns; once most rows are gone, those columns are
+    copied for the surviving rows only (a filter never pays for columns it does not read)."""
     rows = table.num_rows
-    positions = np.arange(rows)  # rows of `table` still in `work`
-    work = table
-    alive = np.ones(rows, dtype=bool)  # over the rows of `work`
+    positions: np.ndarray | None = None  # rows of `table` in the working set; None: all of them
+    compacted: dict[str, pa.ChunkedArray | pa.Array] = {}  # columns restricted to `positions`
+    alive = np.ones(rows, dtype=bool)  # over the working set
     steps = []
     for name, rule, reasons in step_reasons(cfg):
         spec = REGISTRY[name]
+        if positions is not None:
+            for column in spec.columns:
+                if column not in compacted:
+                    compacted[column] = table.column(column).take(pa.array(positions))
+        view = pa.table({c: table.column(c) if positions is None else compacted[c] for c in spec.columns})
         removed = dict.fromkeys(reasons, 0)
         for reason in reasons[:-1]:
-            column = reason[len("null_"):]
-            nulls = alive & ~_valid(work.column(column))
+            nulls = alive & ~_valid(view.column(reason[len("null_"):]))
             removed[reason] = int(nulls.sum())
             alive &= ~nulls
-        keep, reason = spec.func(work, getattr(cfg, name))
+        keep, reason = spec.func(view, getattr(cfg, name))
         if reason != name:
             raise AssertionError(f"filter {name!r} reported reason {reason!r}")
         rejected = alive & ~_to_numpy_bool(keep)
@@ -379,9 +385,12 @@ def apply_filters(table: pa.Table, cfg: FiltersConfig) -> tuple[np.ndarray, list
         alive &= ~rejected
         steps.append(FilterStep(name, rule, removed))
         if len(alive) and alive.sum() < COMPACT_BELOW * len(alive):
-            positions = positions[alive]
-            work = work.filter(pa.array(alive))
-            alive = np.ones(work.num_rows, dtype=bool)
+            survivors = pa.array(alive)
+            compacted = {c: values.filter(survivors) for c, values in compacted.items()}
+            positions = np.flatnonzero(alive) if positions is None else positions[alive]
+            alive = np.ones(len(positions), dtype=bool)
+    if positions is None:
+        return alive, steps
     mask = np.zeros(rows, dtype=bool)
     mask[positions[alive]] = True
     return mask, steps

@@ -63,6 +63,18 @@ def kind_of(module: nn.Module) -> str:
     raise CheckpointError(f"cannot checkpoint a {type(module).__name__}: not one of the stage models {sorted(KINDS)}")
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) / DDP / DeepSpeed (``module``) wrappers."""
+    while True:
+        for attribute in ("_orig_mod", "module"):
+            inner = getattr(module, attribute, None)
+            if isinstance(inner, nn.Module):
+                module = inner
+                break
+        else:
+            return module
+
+
 def config_to_dict(config: Any) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
 
@@ -138,7 +150,10 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
 
 
 def save(module: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``module`` (a stage model, compressor or text encoder) as a checkpoint directory."""
+    """Write ``module`` (a stage model, compressor or text encoder) as a checkpoint directory.
+    Wrappers are unwrapped first (``torch.compile``'s ``_orig_mod``, DDP / DeepSpeed's ``module``)
+    so the keys are the plain model's."""
+    module = unwrap(module)
     kind = kind_of(module)
     config = module.config
     if kind == "text" and getattr(config, "weights_path", None) is not None:

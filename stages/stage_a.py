@@ -142,8 +142,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
-        codebook = self.embedding.weight.to(flat.dtype)
-        indices = [torch.cdist(rows, codebook).argmin(dim=1) for rows in flat.split(self.distance_chunk_rows)]
+        # Distances in float32: bf16 rounding would merge nearby codes (and cdist lacks bf16 kernels).
+        codebook = self.embedding.weight.float()
+        indices = [torch.cdist(rows.float(), codebook).argmin(dim=1) for rows in flat.split(self.distance_chunk_rows)]
         return torch.cat(indices) if indices else flat.new_zeros(0, dtype=torch.long)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -265,6 +265,7 @@ class StageB(nn.Module):
         batch = x.shape[0]
         if not torch.is_tensor(r):
             r = torch.tensor(float(r), device=x.device)
+        r = r.to(x.device)
         if r.ndim == 0:
             r = r.expand(batch)
         if r.ndim != 1 or r.shape[0] != batch:

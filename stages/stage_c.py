@@ -171,6 +171,7 @@ class StageC(nn.Module):
         batch = x.shape[0]
         if not torch.is_tensor(r):
             r = torch.tensor(float(r), device=x.device)
+        r = r.to(x.device)
         if r.ndim == 0:
             r = r.expand(batch)
         if r.ndim != 1 or r.shape[0] != batch:
@@ -189,7 +190,7 @@ class StageC(nn.Module):
         return r
 
     def _layer(self, index: int, x: torch.Tensor, r_embed: torch.Tensor, c_embed: torch.Tensor) -> torch.Tensor:
-        res_block, timestep_block, attn_block = self.blocks[index : index + _BLOCKS_PER_LAYER]
+        res_block, timestep_block, attn_block = self.blocks[index], self.blocks[index + 1], self.blocks[index + 2]
         return attn_block(timestep_block(res_block(x), r_embed), c_embed)
 
     def forward(

@@ -14,6 +14,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -413,15 +414,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, servers, embedded
     urls = [main.add(f"/resume/{i}.jpg", Route(body=jpeg_bytes(1000 + i), delay_s=0.3)) for i in range(40)]
     input_dir = write_filter_output(str(tmp_path / "filtered" / "v1"), urls, rows_per_file=15)
     config = write_config(str(tmp_path / "download.yaml"), shard_size=4, threads_per_task=2,
-                          data_root=str(tmp_path / "data"), mlflow={"enabled": False})
+                          data_root=str(tmp_path / "data"), mlflow={"enabled": False},
+                          scratch_dir=str(tmp_path))  # a killed task's scratch dir is left behind
     interrupted_root = str(tmp_path / "interrupted")
     argv = ["--config", config, "--input", input_dir, "--output", interrupted_root]
 
     marker = uuid.uuid4().hex
     ray_tmp = tempfile.mkdtemp(prefix="wdl", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "WURST_TEST_MARKER": marker, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": REPO_ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.download", *argv], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = tmp_path / "interrupted.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.download", *argv], cwd=REPO_ROOT, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
         complete_at_kill = []
@@ -433,7 +437,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, servers, embedded
             time.sleep(0.2)
     finally:
         _kill_session(proc, marker)
-    assert 2 <= len(complete_at_kill) < 10, "the phase was not interrupted mid-run"
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert 2 <= len(complete_at_kill) < 10, f"not interrupted mid-run:\n{log_path.read_text()[-3000:]}"
     (version_dir,) = storage.list_dirs(interrupted_root)
     assert not manifest.has_manifest(version_dir)
 

@@ -169,6 +169,7 @@ def embedded_ray():
     started = not ray.is_initialized()
     # On a loaded 2-core box the raylet can take longer than Ray's default 30 s to register.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     init_ray(RayConfig(num_cpus=2))
     yield
     if started:

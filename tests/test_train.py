@@ -1,0 +1,262 @@
+"""The `train` phase for Stage C and Stage B: real Ray jobs, DeepSpeed engines and MLflow, tiny models.
+
+Every end-to-end run is a `ray job submit` against the session's local cluster (a head + one worker
+node, so the two training workers may land on different nodes, sharing storage through the local
+filesystem). Runs are module-scoped fixtures so each is paid for once:
+
+* `c_reference`: Stage C, 2 workers, ZeRO-2, 24 steps uninterrupted (the reference for the resume test).
+* `c_resumed`:   the same config stopped after 12 steps, rerun to 24 with worker rank 1 SIGKILLed
+                 before step 16 (Ray Train restarts the group from the step-12 checkpoint).
+* `c_zero3`:     the reference config under ZeRO-3.
+* Stage B:       2 workers, ZeRO-2, 24 steps.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import config as config_lib
+from pipelines import train
+from pipelines.config import ConfigError
+
+import train_fixtures
+
+TINY = {"c": "configs/train-c-tiny.yaml", "b": "configs/train-b-tiny.yaml", "a": "configs/train-a-tiny.yaml"}
+STEPS, HALF = 24, 12
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and helpers
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-inputs")
+    companions = train_fixtures.write_companions(str(root / "companions"))
+    # The manifest names the encoders the latents were computed with: text and stage_a.
+    latents = train_fixtures.write_latent_dataset(
+        str(root / "latents" / "v1"), companions={k: companions[k] for k in ("text", "stage_a")})
+    return {"latents": latents, "companions": companions, "root": str(root)}
+
+
+def submit_train(cluster, stage: str, run_name: str, *overrides: str, timeout: float = 900) -> dict:
+    args = ["python", "-m", "pipelines.train", "--config", TINY[stage], "--set", f"run_name={run_name}"]
+    for item in overrides:
+        args += ["--set", item]
+    status, logs = cluster.submit(args, timeout=timeout)
+    assert status == "SUCCEEDED", f"train job {run_name} ended {status}:\n{logs[-6000:]}"
+    run_dir = os.path.join(cluster.data_root, "runs", run_name)
+    with open(os.path.join(run_dir, "run.json")) as f:
+        info = json.load(f)
+    return {"run_dir": run_dir, "info": info, "logs": logs, "name": run_name}
+
+
+def mlflow_client(cluster):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{os.path.join(cluster.data_root, 'mlflow.db')}")
+
+
+def metric_by_step(client, run_id: str, key: str) -> dict[int, float]:
+    """Last logged value per step (a restarted worker group logs the replayed steps again)."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def read_trace(run_dir: str) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> sample ids, from the data_trace files (later files win)."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, train.TRACE_DIR, "*.jsonl"))):
+        rank = int(os.path.basename(path).split("-")[1])
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                out[(rank, record["step"])] = record["ids"]
+    return out
+
+
+def load_export(run_dir: str, kind: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, train.EXPORT_DIR, kind, "model.safetensors"))
+
+
+def common_overrides(inputs, *extra: str) -> list[str]:
+    return [f"input={inputs['latents']}", "data.trace=true", *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# Fast checks (no Ray)
+
+
+def test_config_errors_name_the_key(inputs, tmp_path):
+    base = [f"input={inputs['latents']}", f"data_root={tmp_path}"]
+    with pytest.raises(ConfigError, match="model.preset"):
+        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.preset=huge"]), use_gpu=False)
+    with pytest.raises(ConfigError, match=r"model.overrides.c_widht"):
+        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.overrides={c_widht: 3}"]),
+                       use_gpu=False)
+    # Stage C built for 64-wide text cannot read 32-wide embeddings: the error names column and shapes.
+    with pytest.raises(ConfigError, match=r"text_emb has shape \(77, 32\).*64"):
+        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.overrides={c_cond: 64}"]),
+                       use_gpu=False)
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        config_lib.load(train.TrainConfig, TINY["c"], base + ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="input: required"):
+        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], [f"data_root={tmp_path}"]), use_gpu=False)
+
+
+def test_plan_and_run_naming(inputs, tmp_path):
+    cfg = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}"])
+    plan = train.plan_run(cfg, use_gpu=False)
+    assert plan.shapes == {"text_emb": [77, 32], "semantic": [16, 4, 4], "stage_a": [4, 16, 16]}
+    assert plan.num_samples == 48 and not plan.bf16
+    # Companions come from the latents' manifest (text, stage_a); the config adds stage_c.
+    assert set(plan.companions) == {"text", "stage_a"}
+    assert plan.run_dir == train.output_dir(cfg) and os.path.basename(plan.run_dir).startswith("b-")
+    # Settings that do not change the weights keep the run name (so raising max_steps resumes);
+    # a different learning rate is a different run.
+    longer = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+                                                           "train.max_steps=1000", "sampling.every=0"])
+    other = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+                                                          "optim.lr=0.1"])
+    assert train.output_dir(longer) == train.output_dir(cfg) != train.output_dir(other)
+
+
+def test_warmup_then_constant():
+    factor = train.warmup_then_constant(4)
+    assert [factor(n) for n in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert train.warmup_then_constant(0)(0) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# End-to-end runs (Ray jobs)
+
+
+@pytest.fixture(scope="module")
+def c_reference(ray_cluster, inputs):
+    return submit_train(ray_cluster, "c", "c-reference",
+                        *common_overrides(inputs, f"checkpoints.stage_b={inputs['companions']['stage_b']}"))
+
+
+@pytest.fixture(scope="module")
+def c_resumed(ray_cluster, inputs):
+    first = submit_train(ray_cluster, "c", "c-resumed", *common_overrides(inputs, f"train.max_steps={HALF}"))
+    second = submit_train(ray_cluster, "c", "c-resumed",
+                          *common_overrides(inputs, f"train.max_steps={STEPS}", "fault.kill_rank=1",
+                                            "fault.kill_at_step=16"))
+    return first, second
+
+
+@pytest.mark.e2e
+def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference, tmp_path):
+    run_dir, run_id = c_reference["run_dir"], c_reference["info"]["mlflow_run_id"]
+    client = mlflow_client(ray_cluster)
+    run = client.get_run(run_id)
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.preset"] == "tiny"
+    assert run.data.params["derived.world_size"] == "2"
+    assert run.data.tags["wurst.input_phase"] == "precompute" and "wurst.input_manifest_hash" in run.data.tags
+    loss = metric_by_step(client, run_id, "loss")
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    first, last = np.mean([loss[s] for s in range(1, 7)]), np.mean([loss[s] for s in range(STEPS - 5, STEPS + 1)])
+    assert last < 0.8 * first, f"loss did not decrease: first 6 steps {first:.4f}, last 6 {last:.4f}"
+    for key in ("mse", "lr", "grad_norm", "samples_per_s", "tflops_per_worker"):
+        assert metric_by_step(client, run_id, key), f"metric {key} not logged"
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert any(p.endswith(".png") and "samples" in p for p in images), images
+
+    # Checkpoints: Ray kept the last 2, each with every rank's DeepSpeed shards, RNG and EMA shards.
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))
+    assert len(checkpoints) == 2
+    latest = checkpoints[-1]
+    with open(os.path.join(latest, train.TRAIN_STATE)) as f:
+        assert json.load(f)["step"] == STEPS
+    for rank in (0, 1):
+        assert os.path.exists(os.path.join(latest, "model", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+        assert os.path.exists(os.path.join(latest, "ema", f"rank-{rank:05d}.safetensors"))
+
+    # The export is a complete generation set: our Stage C (EMA) + the Stage B/A and text it was trained with.
+    export = os.path.join(run_dir, train.EXPORT_DIR)
+    with open(os.path.join(export, "export.json")) as f:
+        record = json.load(f)
+    assert record["step"] == STEPS and record["weights"] == "ema"
+    from pipelines import generate
+
+    out = tmp_path / "generated"
+    assert generate.main(["--checkpoints", export, "--prompt", "a picture of class 1", "--n", "2", "--height", "128",
+                          "--width", "128", "--steps-c", "3", "--steps-b", "2", "--out", str(out)]) in (0, None)
+    assert (out / "grid.png").exists() and (out / "0001.png").exists()
+
+
+@pytest.mark.e2e
+def test_stage_b_job_trains_and_exports(ray_cluster, inputs, tmp_path):
+    result = submit_train(ray_cluster, "b", "b-reference",
+                          *common_overrides(inputs, f"checkpoints.stage_c={inputs['companions']['stage_c']}"))
+    client = mlflow_client(ray_cluster)
+    run_id = result["info"]["mlflow_run_id"]
+    loss = metric_by_step(client, run_id, "loss")
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    first, last = np.mean([loss[s] for s in range(1, 7)]), np.mean([loss[s] for s in range(STEPS - 5, STEPS + 1)])
+    assert last < 0.8 * first, f"loss did not decrease: first 6 steps {first:.4f}, last 6 {last:.4f}"
+    assert any("samples" in a.path for a in client.list_artifacts(run_id, "images"))
+    export = os.path.join(result["run_dir"], train.EXPORT_DIR)
+    import stages
+
+    model = stages.load(os.path.join(export, "stage_b"), expected_kind="stage_b")
+    assert model.config.c_hidden == [16, 32]
+    from pipelines import generate
+
+    out = tmp_path / "generated"
+    generate.main(["--checkpoints", export, "--prompt", "x", "--height", "128", "--width", "128",
+                   "--steps-c", "2", "--steps-b", "2", "--out", str(out)])
+    assert (out / "grid.png").exists()
+
+
+@pytest.mark.e2e
+def test_resume_is_exact_after_stop_and_after_a_killed_worker(ray_cluster, c_reference, c_resumed):
+    first, second = c_resumed
+    # Same run, same MLflow run across the two invocations.
+    assert first["info"]["mlflow_run_id"] == second["info"]["mlflow_run_id"]
+    # The second invocation lost a worker to SIGKILL before step 16 and still finished all steps.
+    assert os.path.exists(os.path.join(second["run_dir"], ".fault-injected-step-16"))
+    client = mlflow_client(ray_cluster)
+    reference = metric_by_step(client, c_reference["info"]["mlflow_run_id"], "loss")
+    resumed = metric_by_step(client, second["info"]["mlflow_run_id"], "loss")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    diffs = [abs(resumed[s] - reference[s]) for s in range(1, STEPS + 1)]
+    assert max(diffs) <= 1e-6, f"losses differ from the uninterrupted run: {diffs}"
+
+    # Data order: the same samples at every step on every rank, and each epoch covers the dataset once.
+    ref_trace, res_trace = read_trace(c_reference["run_dir"]), read_trace(second["run_dir"])
+    assert sorted(res_trace) == sorted(ref_trace) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)]
+    assert res_trace == ref_trace
+    steps_per_epoch = 48 // 2 // 4
+    for epoch in range(STEPS // steps_per_epoch):
+        steps = range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
+        seen = [i for r in (0, 1) for s in steps for i in res_trace[(r, s)]]
+        assert len(seen) == len(set(seen)) == 48, f"epoch {epoch}: samples repeated or skipped"
+
+    # The resumed run's EMA export equals the uninterrupted run's.
+    ref, res = load_export(c_reference["run_dir"], "stage_c"), load_export(second["run_dir"], "stage_c")
+    assert max(float((ref[k] - res[k]).abs().max()) for k in ref) <= 1e-6
+
+
+@pytest.mark.e2e
+def test_zero3_with_ema_matches_zero2(ray_cluster, inputs, c_reference):
+    result = submit_train(ray_cluster, "c", "c-zero3", *common_overrides(inputs, "train.zero_stage=3"))
+    client = mlflow_client(ray_cluster)
+    reference = metric_by_step(client, c_reference["info"]["mlflow_run_id"], "loss")
+    zero3 = metric_by_step(client, result["info"]["mlflow_run_id"], "loss")
+    assert max(abs(zero3[s] - reference[s]) for s in reference) < 1e-4
+    # The EMA export is gathered from the ZeRO-3 partitions: complete, and equal to the ZeRO-2 run's.
+    ref, z3 = load_export(c_reference["run_dir"], "stage_c"), load_export(result["run_dir"], "stage_c")
+    assert set(ref) == set(z3)
+    for key in ref:
+        assert z3[key].shape == ref[key].shape
+        assert torch.allclose(z3[key], ref[key], atol=1e-4, rtol=1e-3), key
