@@ -16,7 +16,7 @@ How it scales (nothing is ever materialised on the driver):
    the input into tasks of whole row groups.
 2. Filter: a Ray Data map over those tasks. Each task streams its row groups in batches,
    normalises and filters them, and appends the survivors to hash buckets
-   (BLAKE2b(normalised URL) % num_buckets) that it writes as small parquet files under
+   (BLAKE2b(normalised URL) % num_buckets) that it writes as Arrow IPC files under
    `<version>/_work.tmp/buckets/`. Only per-task counts come back to the driver.
    Files are read with pyarrow inside the tasks rather than `ray.data.read_parquet`: LAION
    variants differ in schema (int32 vs float64 sizes, `aesthetic` vs `AESTHETIC_SCORE`), which a
@@ -95,6 +95,9 @@ class ReadConfig:
     max_tasks_in_flight: Optional[int] = param(None, ge=1)
     # Threads reading parquet footers in the pre-flight (I/O bound: object stores like many).
     footer_threads: int = param(16, ge=1, le=256)
+    # Compression of the temporary bucket files (Arrow IPC). None is fastest on local disk;
+    # lz4/zstd trade CPU for fewer bytes when the output lives in an object store.
+    temp_compression: Optional[str] = param(None, choices=["lz4", "zstd"])
 
 
 @dataclasses.dataclass
@@ -339,11 +342,12 @@ class StageContext:
     buffer_rows: int
     dedup_enabled: bool
     record_duplicates: bool
+    temp_compression: Optional[str]
     part_schema: pa.Schema  # output schema + the _src tie-breaker
 
 
 def _bucket_file(ctx: StageContext, bucket: int, unit: int, flush: int) -> str:
-    return storage.join(ctx.tmp_uri, "buckets", f"b{bucket:05d}", f"u{unit:06d}-{flush:03d}.parquet")
+    return storage.join(ctx.tmp_uri, "buckets", f"b{bucket:05d}", f"u{unit:06d}-{flush:03d}.arrow")
 
 
 def _unit_marker(tmp_uri: str, unit: int) -> str:
@@ -393,7 +397,10 @@ class _BucketSpill:
             uri = _bucket_file(self.ctx, int(bucket), self.unit, self.flushes)
             path = storage.resolve(uri)[1]
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(table.slice(start, stop - start), path, filesystem=fs, compression="lz4")
+            # Arrow IPC, not parquet: written once, read once, and ~5x cheaper to encode.
+            options = pa.ipc.IpcWriteOptions(compression=self.ctx.temp_compression)
+            with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, table.schema, options=options) as out:
+                out.write_table(table.slice(start, stop - start))
             self.files.setdefault(int(bucket), []).append([uri, stop - start])
         self.flushes += 1
 
@@ -463,7 +470,10 @@ def dedup_bucket(row: dict[str, Any], ctx: StageContext, out_uri: str) -> dict[s
     bucket = int(row["bucket"])
     files = json.loads(row["files"])
     fs, _ = storage.resolve(out_uri)
-    tables = [pq.read_table(storage.resolve(uri)[1], filesystem=fs) for uri in files]
+    tables = []
+    for uri in files:
+        with fs.open_input_file(storage.resolve(uri)[1]) as source:
+            tables.append(pa.ipc.open_file(source).read_all())
     table = pa.concat_tables(tables) if tables else ctx.part_schema.empty_table()
     rows_in = table.num_rows
     duplicates = 0
@@ -629,7 +639,7 @@ def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_
     ctx = StageContext(filters=cfg.filters, include_language=plan.include_language, extra_types=plan.extra_types,
                        num_buckets=plan.num_buckets, tmp_uri=tmp_uri, batch_rows=cfg.read.batch_rows,
                        buffer_rows=cfg.read.buffer_rows, dedup_enabled=cfg.dedup.enabled,
-                       record_duplicates=cfg.dedup.record_duplicates,
+                       record_duplicates=cfg.dedup.record_duplicates, temp_compression=cfg.read.temp_compression,
                        part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())))
     files_by_index = {f.index: f for f in plan.files}
 

@@ -305,7 +305,9 @@ def write_random_checkpoints(directory: str | os.PathLike, preset: str = "tiny",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description="Text -> Stage C -> Stage B -> Stage A images.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.generate", description="Text -> Stage C -> Stage B -> Stage A images."
+    )
     parser.add_argument("--checkpoints", required=True, help="directory with stage_c/, stage_b/, stage_a/, text/")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-b", type=float, default=None, help="Stage B guidance scale (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
     return parser
 
 

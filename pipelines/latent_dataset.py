@@ -48,52 +48,18 @@ import collections
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines import manifest as manifest_lib
 from pipelines import storage
-
-STRING_COLUMNS = ("uid", "caption", "key")
+# The shard format lives with its writer; re-exported here for readers and tests.
+from pipelines.precompute import STRING_COLUMNS, parquet_writer_options, shard_schema, tensor_column  # noqa: F401
 
 
 class LatentDatasetError(ValueError):
     """The latent dataset, its manifest or a requested column is not what the reader expects."""
-
-
-# --------------------------------------------------------------------------------------------
-# The shard format (writer side of the contract; `pipelines.precompute` and tests write with these)
-
-
-def shard_schema(tensor_shapes: dict[str, Sequence[int]]) -> pa.Schema:
-    """key, uid, caption (strings) + one flat fixed-size list of float16 per tensor column."""
-    fields = [pa.field(name, pa.string(), nullable=False) for name in STRING_COLUMNS]
-    for name, shape in tensor_shapes.items():
-        fields.append(pa.field(name, pa.list_(pa.float16(), int(np.prod(shape))), nullable=False))
-    return pa.schema(fields)
-
-
-def tensor_column(values: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, *shape) array -> flat fixed-size list float16 array of n rows (zero-copy for float16)."""
-    values = np.ascontiguousarray(values, dtype=np.float16)
-    width = int(np.prod(values.shape[1:]))
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
-
-
-def parquet_writer_options(schema: pa.Schema) -> dict[str, Any]:
-    """Options for `pq.ParquetWriter`: strings zstd + dictionary; tensor columns uncompressed PLAIN
-    without statistics. Dictionary-encoded float16 lists read ~15x slower, and fp16 latents do not
-    compress, so PLAIN keeps the reader near memory speed (bench/precompute.py measures it)."""
-    strings = [f.name for f in schema if pa.types.is_string(f.type)]
-    tensors = [f.name for f in schema if not pa.types.is_string(f.type)]
-    return {
-        "compression": {**{n: "zstd" for n in strings}, **{n: "none" for n in tensors}},
-        "use_dictionary": strings,
-        "column_encoding": {n: "PLAIN" for n in tensors},
-        "write_statistics": strings,
-    }
 
 
 class LatentDataset(IterableDataset):

@@ -43,15 +43,16 @@ from collections import Counter
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
-from pipelines.latent_dataset import parquet_writer_options, shard_schema, tensor_column
 from pipelines.runtime import RayConfig, default_data_root, init_ray
 
 PHASE = "precompute"
+STRING_COLUMNS = ("uid", "caption", "key")
 OUTPUTS = ("text", "semantic", "stage_a")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PARTS_DIR = "_parts"
@@ -59,13 +60,46 @@ EMPTY_TEXT_FILE = "empty_text_emb.npy"
 STATS_KEY = b"wurst.precompute.stats"
 SHAPE_KEY = b"shape"
 SEMANTIC_STRIDE = 32  # EfficientNet trunks downsample by 32: 768 px -> 24 x 24
-DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+PRECISIONS = ("bfloat16", "float16", "float32")
 
 log = logging.getLogger("wurst.precompute")
 
 
 class PrecomputeError(RuntimeError):
     """Bad input data or a broken invariant; the message names the file and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------
+# The shard format (read by `pipelines.latent_dataset`); no torch here, so CPU workers stay light
+
+
+def shard_schema(tensor_shapes: dict[str, Any]):
+    """key, uid, caption (strings) + one flat fixed-size list of float16 per tensor column."""
+    fields = [pa.field(name, pa.string(), nullable=False) for name in STRING_COLUMNS]
+    for name, shape in tensor_shapes.items():
+        fields.append(pa.field(name, pa.list_(pa.float16(), int(np.prod(shape))), nullable=False))
+    return pa.schema(fields)
+
+
+def tensor_column(values: np.ndarray):
+    """(n, *shape) array -> flat fixed-size list float16 array of n rows (zero-copy for float16)."""
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    width = int(np.prod(values.shape[1:]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def parquet_writer_options(schema) -> dict[str, Any]:
+    """Options for `pq.ParquetWriter`: strings zstd + dictionary; tensor columns uncompressed PLAIN
+    without statistics. Dictionary-encoded float16 lists read ~15x slower, and fp16 latents do not
+    compress, so PLAIN keeps the reader near memory speed (bench/precompute.py measures it)."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    tensors = [f.name for f in schema if not pa.types.is_string(f.type)]
+    return {
+        "compression": {**{n: "zstd" for n in strings}, **{n: "none" for n in tensors}},
+        "use_dictionary": strings,
+        "column_encoding": {n: "PLAIN" for n in tensors},
+        "write_statistics": strings,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +133,7 @@ class PrecomputeConfig:
     # Stage A input size = Stage B training resolution: 512 -> 4x128x128, 1024 -> 4x256x256.
     stage_a_resolution: int = param(512, ge=8)
     # Compute precision of the encoders (outputs are always stored as float16).
-    precision: str = param("bfloat16", choices=list(DTYPES))
+    precision: str = param("bfloat16", choices=list(PRECISIONS))
     # PIL's decompression-bomb limit (pixels); larger images are skipped as `decompression_bomb`.
     max_image_pixels: int = param(178_956_970, ge=1)
     # Rows per parquet row group: the reader's unit of reading and of block shuffling.
@@ -529,8 +563,6 @@ def compute_probe(spec: dict) -> dict:
 
 
 def _tensor_schema(shapes: dict[str, list[int]]):
-    import pyarrow as pa
-
     schema = shard_schema(shapes)
     fields = []
     for field in schema:
@@ -543,7 +575,6 @@ def _tensor_schema(shapes: dict[str, list[int]]):
 def _write_parquet(uri: str, tables: Iterator, schema, row_group_size: int, metadata: dict[bytes, bytes]) -> int:
     """Stream tables into one parquet file with row groups of exactly `row_group_size` rows (the last
     may be shorter); temp name + rename on local disk. Returns the row count."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(uri)
@@ -593,8 +624,6 @@ def write_chunk(batch: dict[str, np.ndarray], *, out_dir: str, shapes: dict[str,
                 row_group_size: int) -> dict[str, np.ndarray]:
     """Ray Data UDF: an encoded chunk -> `_parts/<shard>/chunk-NNNNNN.parquet`; returns the chunk's
     bookkeeping (no tensors) for the driver."""
-    import pyarrow as pa
-
     (shard,), (chunk,) = batch["shard"], batch["chunk"]
     meta = json.loads(batch["meta"][0])
     n = len(meta["uids"])
@@ -693,7 +722,7 @@ def _encode_shards(cfg: PrecomputeConfig, ray, out_dir: str, todo: list[tuple[st
     # decoding into the encoder actors (fusion needs identical remote args), which would serialise
     # decoding behind the encoders instead of running it on the other CPUs.
     chunk_bytes = cfg.batch_size * max(spec["decode_resolution"], 1) ** 2 * 3
-    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (64 << 20),
+    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (512 << 20),
                         fn_kwargs={"chunk_size": cfg.batch_size, "size": spec["decode_resolution"],
                                    "max_image_pixels": cfg.max_image_pixels})
     ds = ds.map_batches(ChunkEncoder, batch_size=1, concurrency=actors, num_gpus=1 if use_gpu else 0,

@@ -118,7 +118,9 @@ def _unshared_contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return result
 
 
-def write_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Write a state dict atomically (temp file in the same directory, then rename)."""
     from safetensors.torch import save_file
 
@@ -168,8 +170,13 @@ def save_state(kind: str, config: Any, state: dict[str, torch.Tensor], directory
     model_classes(kind)
     directory = Path(directory)
     write_safetensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "kind": kind})
-    write_json({"kind": kind, "format_version": FORMAT_VERSION, "config": config_to_dict(config)}, directory / CONFIG_FILE)
+    _write_config(kind, config, directory)
     return directory
+
+
+def _write_config(kind: str, config: Any, directory: Path) -> None:
+    write_json({"kind": kind, "format_version": FORMAT_VERSION, "config": config_to_dict(config)},
+               directory / CONFIG_FILE)
 
 
 def check_state_dict(kind: str, config: Any, state: dict[str, torch.Tensor], source: str) -> None:
@@ -190,7 +197,7 @@ def save_config(kind: str, config: Any, directory: str | os.PathLike) -> Path:
     if getattr(config, "weights_path", None) is None:
         raise CheckpointError("a weight-less text checkpoint needs config.weights_path (local open_clip weights)")
     directory = Path(directory)
-    write_json({"kind": kind, "format_version": FORMAT_VERSION, "config": config_to_dict(config)}, directory / CONFIG_FILE)
+    _write_config(kind, config, directory)
     return directory
 
 
@@ -204,7 +211,8 @@ def read_config(directory: str | os.PathLike, expected_kind: str | None = None) 
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
     if not isinstance(data, dict) or "kind" not in data or not isinstance(data.get("config"), dict):
-        raise CheckpointError(f"{config_path}: expected {{'kind': ..., 'config': {{...}}}}, got keys {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{config_path}: expected {{'kind': ..., 'config': {{...}}}}, got {found}")
     kind = data["kind"]
     if kind not in KINDS:
         raise CheckpointError(f"{config_path}: unknown kind {kind!r}; known kinds are {sorted(KINDS)}")
@@ -265,7 +273,8 @@ def _check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
     if wrong:
         key, got, want = wrong[0]
         raise CheckpointError(
-            f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {key}: {got} in the file, {want} expected by the config"
+            f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {key}: {got} in the file, "
+            f"{want} expected by the config"
         )
 
 
@@ -302,7 +311,9 @@ def load(
 # pretrained backbone weights for the Semantic Compressor
 
 
-def load_semantic_weights(module: nn.Module, path: str | os.PathLike, weights_key: str = "semantic.weights_path") -> dict[str, int]:
+def load_semantic_weights(
+    module: nn.Module, path: str | os.PathLike, weights_key: str = "semantic.weights_path"
+) -> dict[str, int]:
     """Load pretrained weights into a ``SemanticCompressor`` from a local file, any of:
     - a full compressor state dict (``backbone.*`` + ``mapper.*``, e.g. the authors' released
       ``effnet_state_dict``, possibly nested under that key);
@@ -343,7 +354,10 @@ def load_semantic_weights(module: nn.Module, path: str | os.PathLike, weights_ke
         )
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise CheckpointError(f"{path} (config key {weights_key}): {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"{path} (config key {weights_key}): {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(own[key].shape)}"
+            )
     module.load_state_dict(state, strict=False)
     return {"backbone": len(backbone_keys), "mapper": len(mapper_keys & state.keys())}
 

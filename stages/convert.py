@@ -44,11 +44,14 @@ from stages.checkpoint import (
 # diffusers class -> (our kind, the class's constructor defaults). The defaults matter: diffusers
 # fills keys missing from config.json with *its* defaults, which differ from our paper presets.
 DIFFUSERS_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "WuerstchenPrior": ("stage_c", {"c_in": 16, "c": 1280, "c_cond": 1024, "c_r": 64, "depth": 16, "nhead": 16, "dropout": 0.1}),
+    "WuerstchenPrior": ("stage_c", {
+        "c_in": 16, "c": 1280, "c_cond": 1024, "c_r": 64, "depth": 16, "nhead": 16, "dropout": 0.1,
+    }),
     "WuerstchenDiffNeXt": ("stage_b", {
         "c_in": 4, "c_out": 4, "c_r": 64, "patch_size": 2, "c_cond": 1024, "c_hidden": [320, 640, 1280, 1280],
         "nhead": [-1, 10, 20, 20], "blocks": [4, 4, 14, 4], "level_config": ["CT", "CTA", "CTA", "CTA"],
-        "inject_effnet": [False, True, True, True], "effnet_embd": 16, "clip_embd": 1024, "kernel_size": 3, "dropout": 0.1,
+        "inject_effnet": [False, True, True, True], "effnet_embd": 16, "clip_embd": 1024, "kernel_size": 3,
+        "dropout": 0.1,
     }),
     "PaellaVQModel": ("stage_a", {
         "in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2, "levels": 2, "bottleneck_blocks": 12,
@@ -110,7 +113,9 @@ def read_diffusers_weights(folder: Path, variant: str | None = None) -> dict[str
                 state.update(read_state_dict_file(shard_path))
             missing = sorted(set(weight_map) - set(state))
             if missing:
-                raise CheckpointError(f"{index}: {len(missing)} keys of the weight_map are not in the shards, e.g. {missing[:5]}")
+                raise CheckpointError(
+                    f"{index}: {len(missing)} keys of the weight_map are not in the shards, e.g. {missing[:5]}"
+                )
             return state
     raise FileNotFoundError(
         f"no diffusers weights in {folder}: expected {_variant(DIFFUSERS_SAFETENSORS, variant)} "
@@ -118,7 +123,9 @@ def read_diffusers_weights(folder: Path, variant: str | None = None) -> dict[str
     )
 
 
-def convert_model_from_diffusers(src: Path, out: Path, variant: str | None = None, dtype: torch.dtype | None = None) -> str:
+def convert_model_from_diffusers(
+    src: Path, out: Path, variant: str | None = None, dtype: torch.dtype | None = None
+) -> str:
     """One diffusers model folder -> one checkpoint directory; returns the kind written."""
     class_name, data = read_diffusers_config(src)
     kind, diffusers_defaults = DIFFUSERS_CLASSES[class_name]
@@ -145,7 +152,9 @@ def from_diffusers(src: str | os.PathLike, out: str | os.PathLike, variant: str 
         return [(convert_model_from_diffusers(src, out, variant, dtype), out)]
     index_path = src / "model_index.json"
     if not index_path.is_file():
-        raise FileNotFoundError(f"{src} holds neither a diffusers model ({CONFIG_FILE}) nor a pipeline (model_index.json)")
+        raise FileNotFoundError(
+            f"{src} holds neither a diffusers model ({CONFIG_FILE}) nor a pipeline (model_index.json)"
+        )
     components = json.loads(index_path.read_text(encoding="utf-8"))
     written = []
     for name, spec in sorted(components.items()):
@@ -175,7 +184,8 @@ def to_diffusers(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
     kind, config = read_config(src)
     if kind not in KIND_TO_DIFFUSERS:
         raise CheckpointError(
-            f"{src} holds a {kind!r} checkpoint, which has no diffusers model class; convertible kinds are {sorted(KIND_TO_DIFFUSERS)}"
+            f"{src} holds a {kind!r} checkpoint, which has no diffusers model class; "
+            f"convertible kinds are {sorted(KIND_TO_DIFFUSERS)}"
         )
     class_name = KIND_TO_DIFFUSERS[kind]
     diffusers_keys = DIFFUSERS_CLASSES[class_name][1]

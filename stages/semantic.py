@@ -52,7 +52,8 @@ class SemanticCompressorConfig:
     def __post_init__(self) -> None:
         if not (self.backbone.startswith(TORCHVISION_PREFIX) or self.backbone.startswith(TIMM_PREFIX)):
             raise ValueError(
-                f"SemanticCompressorConfig.backbone: expected 'torchvision:<name>' or 'timm:<name>', got {self.backbone!r}"
+                "SemanticCompressorConfig.backbone: expected 'torchvision:<name>' or 'timm:<name>', "
+                f"got {self.backbone!r}"
             )
         if not isinstance(self.c_latent, int) or self.c_latent < 1:
             raise ValueError(f"SemanticCompressorConfig.c_latent: expected a positive int, got {self.c_latent!r}")
@@ -72,7 +73,9 @@ class SemanticCompressorConfig:
     @classmethod
     def preset(cls, name: str) -> "SemanticCompressorConfig":
         if name not in cls.PRESET_NAMES:
-            raise ValueError(f"unknown SemanticCompressorConfig preset {name!r}; choose one of {list(cls.PRESET_NAMES)}")
+            raise ValueError(
+                f"unknown SemanticCompressorConfig preset {name!r}; choose one of {list(cls.PRESET_NAMES)}"
+            )
         return getattr(cls, name)()
 
     def to_dict(self) -> dict:

@@ -54,12 +54,15 @@ class StageAConfig:
             raise ValueError(f"StageAConfig.bottleneck_blocks: expected an int >= 0, got {self.bottleneck_blocks!r}")
         if self.embed_dim % (2 ** (self.levels - 1)) != 0:
             raise ValueError(
-                f"StageAConfig.embed_dim: {self.embed_dim} must be divisible by 2**(levels-1) = {2 ** (self.levels - 1)}"
+                f"StageAConfig.embed_dim: {self.embed_dim} must be divisible by "
+                f"2**(levels-1) = {2 ** (self.levels - 1)}"
             )
         if not self.scale_factor > 0:
             raise ValueError(f"StageAConfig.scale_factor: expected > 0, got {self.scale_factor!r}")
         if not 0.0 <= self.quantize_bypass_prob <= 1.0:
-            raise ValueError(f"StageAConfig.quantize_bypass_prob: expected in [0, 1], got {self.quantize_bypass_prob!r}")
+            raise ValueError(
+                f"StageAConfig.quantize_bypass_prob: expected in [0, 1], got {self.quantize_bypass_prob!r}"
+            )
 
     @classmethod
     def paper(cls) -> "StageAConfig":
@@ -105,7 +108,9 @@ class MixingResidualBlock(nn.Module):
         super().__init__()
         self.channels = channels
         # Replication padding keeps borders from fading to zero in the reconstruction.
-        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(channels, channels, kernel_size=3, groups=channels))
+        self.depthwise = nn.Sequential(
+            nn.ReplicationPad2d(1), nn.Conv2d(channels, channels, kernel_size=3, groups=channels)
+        )
         self.channelwise = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
         # [scale, shift, gate] for the depthwise branch, then the same for the channelwise branch.
         self.gammas = nn.Parameter(torch.zeros(6))

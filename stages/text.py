@@ -71,7 +71,8 @@ class TextEncoderConfig:
 
     @classmethod
     def tiny(cls, weights_path: str | None = None) -> "TextEncoderConfig":
-        return cls(model_name=TINY_CLIP_NAME, weights_path=weights_path, model_cfg=json.loads(json.dumps(TINY_CLIP_CONFIG)))
+        model_cfg = json.loads(json.dumps(TINY_CLIP_CONFIG))  # a deep copy callers may modify
+        return cls(model_name=TINY_CLIP_NAME, weights_path=weights_path, model_cfg=model_cfg)
 
     @classmethod
     def preset(cls, name: str) -> "TextEncoderConfig":
@@ -145,8 +146,14 @@ class TextEncoder(nn.Module):
                 f"({text_cfg['hf_model_name']}); only open_clip's own TextTransformer is supported"
             )
         if text_cfg.get("embed_cls"):
-            raise ValueError(f"TextEncoderConfig.model_name: {config.model_name!r} appends a CLS token (CoCa); not supported")
-        tower = open_clip_model._build_text_tower(model_cfg["embed_dim"], text_cfg, model_cfg.get("quick_gelu", False), None)
+            raise ValueError(
+                f"TextEncoderConfig.model_name: {config.model_name!r} appends a CLS token (CoCa); not supported"
+            )
+        # open_clip's own builder, so every text_cfg option (act/norm kwargs, mlp_ratio, ...) means
+        # what it means in open_clip.
+        tower = open_clip_model._build_text_tower(
+            model_cfg["embed_dim"], text_cfg, model_cfg.get("quick_gelu", False), None
+        )
         self.context_length = tower.context_length
         self.width = tower.width
         self.token_embedding = tower.token_embedding
@@ -163,9 +170,10 @@ class TextEncoder(nn.Module):
 
     def reset_non_persistent_buffers(self) -> None:
         """Rebuild buffers that are not in the state dict (after a meta-device construction)."""
-        device = self.token_embedding.weight.device
+        if self.attn_mask is None:  # a bidirectional tower has no mask
+            return
         n = self.context_length
-        self.attn_mask = torch.full((n, n), float("-inf"), device=device).triu_(1)
+        self.attn_mask = torch.full((n, n), float("-inf"), device=self.token_embedding.weight.device).triu_(1)
 
     # ------------------------------------------------------------------ weights
     def load_open_clip_weights(self, path: str | os.PathLike, weights_key: str = DEFAULT_WEIGHTS_KEY) -> None:
@@ -186,8 +194,9 @@ class TextEncoder(nn.Module):
                 f"{path} (config key {weights_key}) is not an open_clip {self.config.model_name} checkpoint: "
                 f"missing {len(missing)} text keys, e.g. {missing[:5]}"
             )
+        own_shapes = {key: tensor.shape for key, tensor in self.state_dict().items()}
         for key, value in state.items():
-            expected = self.state_dict()[key].shape
+            expected = own_shapes[key]
             if value.shape != expected:
                 raise ValueError(
                     f"{path} (config key {weights_key}): {key} has shape {tuple(value.shape)}, "
@@ -236,7 +245,8 @@ class TextEncoder(nn.Module):
     def pooled(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """open_clip's pooled, projected text feature (EOT token = highest id) from ``encode_tokens``."""
         token_ids = token_ids.to(hidden_states.device)
-        pooled = hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), token_ids.argmax(dim=-1)]
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        pooled = hidden_states[rows, token_ids.argmax(dim=-1)]
         if self.text_projection is None:
             return pooled
         if isinstance(self.text_projection, nn.Linear):

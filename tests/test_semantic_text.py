@@ -105,7 +105,8 @@ def test_timm_backbone_weights_and_full_compressor_weights(tmp_path):
     other = SemanticCompressor(SemanticCompressorConfig.tiny())
     nested = tmp_path / "stage_b_release.pt"
     torch.save({"effnet_state_dict": model.state_dict()}, nested)
-    assert load_semantic_weights(other, nested)["mapper"] == len([k for k in model.state_dict() if k.startswith("mapper.")])
+    mapper_keys = [k for k in model.state_dict() if k.startswith("mapper.")]
+    assert load_semantic_weights(other, nested)["mapper"] == len(mapper_keys)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
