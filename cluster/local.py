@@ -223,12 +223,17 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
         env["MLFLOW_TRACKING_URI"] = state.mlflow_url
 
     cpu_args = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
+    # Multi-node needs Ray's "cluster" switch on (a caller may have it off for a loopback-only embedded
+    # Ray). With it on, Ray replaces a loopback node address by this machine's own interface address
+    # for GCS/raylet traffic (it stays on this host); dashboard and job server stay on 127.0.0.1.
+    head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    worker_env = head_env
     head_cmd = [_ray_binary(), "start", "--head", "--block", "--node-ip-address", LOOPBACK,
                 "--port", str(gcs_port), "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
                 "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats",
                 *cpu_args, *_node_port_args(head=True)]
     log = os.path.join(state_dir, "ray-head.log")
-    proc = _spawn(head_cmd, log, env)
+    proc = _spawn(head_cmd, log, head_env)
     state.processes.append(Process("ray-head", proc.pid, log))
     state.save()  # so `down` can clean up even if start-up fails below
 
@@ -246,10 +251,10 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
     try:
         wait(lambda: _http_ok(f"{state.dashboard_url}/api/version", token), "Ray dashboard/job server")
         for i in range(workers):
-            cmd = [_ray_binary(), "start", "--block", "--address", state.gcs_address, "--node-ip-address",
-                   LOOPBACK, "--disable-usage-stats", *cpu_args, *_node_port_args(head=False)]
+            cmd = [_ray_binary(), "start", "--block", "--address", state.gcs_address,
+                   "--disable-usage-stats", *cpu_args, *_node_port_args(head=False)]
             log = os.path.join(state_dir, f"ray-worker-{i}.log")
-            proc = _spawn(cmd, log, env)
+            proc = _spawn(cmd, log, worker_env)
             state.processes.append(Process(f"ray-worker-{i}", proc.pid, log))
         state.save()
         wait(lambda: _alive_nodes(state.dashboard_url, token) >= 1 + workers, f"{1 + workers} Ray nodes")

@@ -1,4 +1,4 @@
-"""Stable 64-bit hashes of string columns (BLAKE2b), used for row uids and dedup buckets.
+"""Stable hashes of string columns (BLAKE2b), used for row uids and dedup buckets.
 
 pyarrow.compute has no scalar hash kernel, and a numpy re-implementation of a string hash was
 measured slower than calling BLAKE2b from C once per value (the per-byte mixing costs ~12 numpy
@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DIGEST_BYTES = 8
+BUCKET_DIGEST_BYTES = 8  # 64-bit bucket hashes
+UID_DIGEST_BYTES = 16  # 128-bit uids: no birthday collision at LAION scale (64 bits would risk one)
 
 
 def _binary_values(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -29,21 +30,22 @@ def _binary_values(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False)
 
 
-def digests(values: pa.Array | pa.ChunkedArray) -> bytes:
-    """Concatenated 8-byte BLAKE2b digests, one per value (null hashes like the empty string)."""
+def digests(values: pa.Array | pa.ChunkedArray, size: int) -> bytes:
+    """Concatenated `size`-byte BLAKE2b digests, one per value (null hashes like the empty string)."""
     blake2b = hashlib.blake2b
-    return b"".join([blake2b(v, digest_size=DIGEST_BYTES).digest() for v in _binary_values(values)])
+    return b"".join([blake2b(v, digest_size=size).digest() for v in _binary_values(values)])
 
 
 def hash64(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """uint64 hash per value: BLAKE2b-64 of the UTF-8 bytes, read big-endian."""
-    return np.frombuffer(digests(values), dtype=">u8").astype(np.uint64)
+    return np.frombuffer(digests(values, BUCKET_DIGEST_BYTES), dtype=">u8").astype(np.uint64)
 
 
-def hex64(values: pa.Array | pa.ChunkedArray) -> pa.StringArray:
-    """16 lower-case hex characters per value: the BLAKE2b-64 digest of its UTF-8 bytes."""
+def hex_digest(values: pa.Array | pa.ChunkedArray, size: int = UID_DIGEST_BYTES) -> pa.StringArray:
+    """2*size lower-case hex characters per value: the BLAKE2b digest of its UTF-8 bytes."""
     count = len(values)
-    hex_ascii = digests(values).hex().encode("ascii")
-    width = 2 * DIGEST_BYTES
-    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int32)
-    return pa.StringArray.from_buffers(count, pa.py_buffer(offsets.tobytes()), pa.py_buffer(hex_ascii))
+    hex_ascii = digests(values, size).hex().encode("ascii")
+    width = 2 * size
+    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(count, pa.py_buffer(offsets.tobytes()),
+                                            pa.py_buffer(hex_ascii)).cast(pa.string())

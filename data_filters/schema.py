@@ -228,14 +228,16 @@ def conform(table: pa.Table, target: pa.Schema) -> pa.Table:
 
 
 def add_uid(table: pa.Table) -> pa.Table:
-    """Prepend `uid` = 16 hex chars of BLAKE2b-64(URL + "\\x00" + TEXT) (null TEXT hashes as "").
+    """Prepend `uid` = 32 hex chars of BLAKE2b-128(URL + "\\x00" + TEXT) (null TEXT hashes as "").
 
     The uid is computed from the values written to the output, so anyone can recompute it from
-    a row of `filtered/` (`hashlib.blake2b(f"{url}\\0{text}".encode(), digest_size=8).hexdigest()`)."""
+    a row of `filtered/` (`hashlib.blake2b(f"{url}\\0{text}".encode(), digest_size=16).hexdigest()`).
+    128 bits because the output must have unique uids: with 64 bits, ~10^8-10^9 rows would give
+    a birthday collision with probability 1e-4..1e-2."""
     url = pc.fill_null(table.column("URL"), "")
     text = pc.fill_null(table.column("TEXT"), "")
     joined = pc.binary_join_element_wise(url, text, "\x00")
-    return table.add_column(0, pa.field("uid", pa.string()), hashing.hex64(joined))
+    return table.add_column(0, pa.field("uid", pa.string()), hashing.hex_digest(joined))
 
 
 def strip_url(table: pa.Table) -> pa.Table:

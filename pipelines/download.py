@@ -493,6 +493,7 @@ def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, setti
     img2dataset's output folder."""
     import urllib.request
 
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
     import PIL.Image
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
@@ -758,8 +759,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # Run from the imported module, not from __main__: Ray pickles __main__ functions by value, so
+    # shard tasks would skip this module's import-time set-up (and its classes would be copies).
+    from pipelines import download as _module
+
     try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, ShardsFailedError) as exc:
+        _module.main(sys.argv[1:])
+    except (ConfigError, FileNotFoundError, ValueError, _module.ShardsFailedError) as exc:
         print(f"download: error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -346,6 +346,22 @@ class StageContext:
     part_schema: pa.Schema  # output schema + the _src tie-breaker
 
 
+def stage_context(cfg: FilterConfig, plan: Plan, tmp_uri: str) -> StageContext:
+    out_schema = schema.output_schema(plan.include_language, plan.extra_types)
+    return StageContext(filters=cfg.filters, include_language=plan.include_language, extra_types=plan.extra_types,
+                        num_buckets=plan.num_buckets, tmp_uri=tmp_uri, batch_rows=cfg.read.batch_rows,
+                        buffer_rows=cfg.read.buffer_rows, dedup_enabled=cfg.dedup.enabled,
+                        record_duplicates=cfg.dedup.record_duplicates, temp_compression=cfg.read.temp_compression,
+                        part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())))
+
+
+def unit_row(unit: Unit, plan: Plan) -> dict[str, str]:
+    """The Ray Data row describing one filter task."""
+    entry = next(f for f in plan.files if f.index == unit.file_index)
+    return {"unit": json.dumps({**dataclasses.asdict(unit), "columns": entry.columns,
+                                "file_columns": list(entry.types)})}
+
+
 def _bucket_file(ctx: StageContext, bucket: int, unit: int, flush: int) -> str:
     return storage.join(ctx.tmp_uri, "buckets", f"b{bucket:05d}", f"u{unit:06d}-{flush:03d}.arrow")
 
@@ -405,51 +421,77 @@ class _BucketSpill:
         self.flushes += 1
 
 
-def filter_unit(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    """Ray Data map function: one unit -> its counts (survivors go to bucket files)."""
-    import numpy as np
+# What a broken or unreadable input file raises while it is opened, decoded or normalised.
+_INPUT_ERRORS = (OSError, pa.ArrowException, schema.SchemaError)
 
-    unit = json.loads(row["unit"])
-    uri = unit["uri"]
+
+class _UnreadableInput(Exception):
+    """An input file failed while being read; never raised for errors writing our own output."""
+
+
+def _normalised_batches(unit: dict, ctx: StageContext):
+    """Yield (rows read, normalised table) per batch of the unit's row groups."""
     columns = unit["columns"]
     wanted = ["URL", "TEXT", "WIDTH", "HEIGHT", "aesthetic", "punsafe", "pwatermark", "similarity", "hash"]
     if ctx.include_language:
         wanted.append("LANGUAGE")
-    read_columns = schema.source_columns(columns, wanted)
-    read_columns += [c for c in ctx.extra_types if c in unit["file_columns"] and c not in read_columns]
+    read_columns = list(dict.fromkeys(schema.source_columns(columns, wanted)
+                                      + [c for c in ctx.extra_types if c in unit["file_columns"]]))
+    try:
+        handle = storage.open_input(unit["uri"])
+        # Checksums are verified when the writer stored them (newer LAION mirrors do).
+        batches = pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(
+            batch_size=ctx.batch_rows, row_groups=unit["row_groups"], columns=read_columns, use_threads=False)
+    except _INPUT_ERRORS as exc:
+        raise _UnreadableInput(f"{type(exc).__name__}: {exc}") from None
+    with handle:
+        while True:
+            try:
+                batch = next(batches)
+                table = pa.Table.from_batches([batch])
+                normalised = schema.normalize(table, columns, include_language=ctx.include_language,
+                                              extra_types=ctx.extra_types)
+            except StopIteration:
+                return
+            except _INPUT_ERRORS as exc:
+                raise _UnreadableInput(f"{type(exc).__name__}: {exc}") from None
+            yield table.num_rows, normalised
+
+
+def filter_unit(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """Ray Data map function: one unit -> its counts (survivors go to bucket files).
+
+    A broken input file comes back as status "error" (the driver stops or skips the file);
+    any other failure, e.g. writing the bucket files, fails the task and the job."""
+    import numpy as np
+
+    unit = json.loads(row["unit"])
     steps = filters.empty_steps(ctx.filters)
     spill = _BucketSpill(ctx, unit["index"])
     rows_read = survivors = 0
     position = unit["first_row"]
     source_base = unit["file_index"] << ROW_BITS
     try:
-        with storage.open_input(uri) as handle:
-            parquet = pq.ParquetFile(handle)
-            for batch in parquet.iter_batches(batch_size=ctx.batch_rows, row_groups=unit["row_groups"],
-                                              columns=read_columns, use_threads=False):
-                table = pa.Table.from_batches([batch])
-                normalised = schema.normalize(table, columns, include_language=ctx.include_language,
-                                              extra_types=ctx.extra_types)
-                keep, batch_steps = filters.apply_filters(normalised, ctx.filters)
-                filters.merge_steps(steps, batch_steps)
-                kept_rows = np.flatnonzero(keep)
-                if len(kept_rows):
-                    kept = normalised.take(pa.array(kept_rows))
-                    kept = schema.add_uid(schema.strip_url(kept))
-                    kept = kept.append_column(dedup.SOURCE_POSITION,
-                                              pa.array(source_base + position + kept_rows, pa.int64()))
-                    if ctx.dedup_enabled:
-                        buckets = dedup.bucket_of(dedup.normalize_url(kept.column("URL")), ctx.num_buckets)
-                    else:  # no de-dup: buckets only spread the rows over parts, by input position
-                        buckets = (unit["index"] + np.zeros(kept.num_rows, dtype=np.int64)) % ctx.num_buckets
-                    spill.add(schema.conform(kept, ctx.part_schema), buckets)
-                rows_read += table.num_rows
-                survivors += len(kept_rows)
-                position += table.num_rows
-        spill.flush()
-    except (OSError, pa.ArrowException, schema.SchemaError) as exc:
-        return {"unit": unit["index"], "status": "error", "error": f"{type(exc).__name__}: {exc}",
-                "result": ""}
+        for rows, normalised in _normalised_batches(unit, ctx):
+            keep, batch_steps = filters.apply_filters(normalised, ctx.filters)
+            filters.merge_steps(steps, batch_steps)
+            kept_rows = np.flatnonzero(keep)
+            if len(kept_rows):
+                kept = normalised.take(pa.array(kept_rows))
+                kept = schema.add_uid(schema.strip_url(kept))
+                kept = kept.append_column(dedup.SOURCE_POSITION,
+                                          pa.array(source_base + position + kept_rows, pa.int64()))
+                if ctx.dedup_enabled:
+                    buckets = dedup.bucket_of(dedup.normalize_url(kept.column("URL")), ctx.num_buckets)
+                else:  # no de-dup: buckets only spread the rows over parts, by input position
+                    buckets = np.full(kept.num_rows, unit["index"] % ctx.num_buckets, dtype=np.int64)
+                spill.add(schema.conform(kept, ctx.part_schema), buckets)
+            rows_read += rows
+            survivors += len(kept_rows)
+            position += rows
+    except _UnreadableInput as exc:
+        return {"unit": unit["index"], "status": "error", "error": str(exc), "result": ""}
+    spill.flush()
     result = {"unit": unit["index"], "file_index": unit["file_index"], "rows_read": rows_read,
               "survivors": survivors, "steps": [dataclasses.asdict(s) for s in steps],
               "buckets": {str(b): files for b, files in spill.files.items()}}
@@ -635,25 +677,19 @@ def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_
     init_ray(cfg.ray)
     storage.makedirs(out_uri)
     tmp_uri = _prepare_tmp(out_uri, plan)
-    out_schema = schema.output_schema(plan.include_language, plan.extra_types)
-    ctx = StageContext(filters=cfg.filters, include_language=plan.include_language, extra_types=plan.extra_types,
-                       num_buckets=plan.num_buckets, tmp_uri=tmp_uri, batch_rows=cfg.read.batch_rows,
-                       buffer_rows=cfg.read.buffer_rows, dedup_enabled=cfg.dedup.enabled,
-                       record_duplicates=cfg.dedup.record_duplicates, temp_compression=cfg.read.temp_compression,
-                       part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())))
+    ctx = stage_context(cfg, plan, tmp_uri)
     files_by_index = {f.index: f for f in plan.files}
 
     # Stage 1
     t0 = time.time()
     unit_results = _done_markers(tmp_uri, "units")
+    resumed = {"filter_tasks": len(unit_results)}
     todo = [u for u in plan.units if u.index not in unit_results]
     if unit_results:
         _log(f"resuming: {len(unit_results)} of {len(plan.units)} filter tasks already done")
     failed: dict[int, str] = {}  # file index -> error
     if todo:
-        items = [{"unit": json.dumps({**dataclasses.asdict(u), "columns": files_by_index[u.file_index].columns,
-                                      "file_columns": list(files_by_index[u.file_index].types)})}
-                 for u in todo]
+        items = [unit_row(u, plan) for u in todo]
         for row in _ray_map(items, functools.partial(filter_unit, ctx=ctx), cfg.read.max_tasks_in_flight):
             if row["status"] == "ok":
                 result = json.loads(row["result"])
@@ -681,6 +717,7 @@ def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_
         for bucket, files in result["buckets"].items():
             bucket_files[int(bucket)].extend(uri for uri, _rows in files)
     bucket_results = _done_markers(tmp_uri, "buckets_done")
+    resumed["buckets"] = len(bucket_results)
     todo_buckets = [b for b in range(plan.num_buckets) if b not in bucket_results]
     if todo_buckets:
         items = [{"bucket": b, "files": json.dumps(bucket_files[b])} for b in todo_buckets]
@@ -719,7 +756,7 @@ def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_
     _log(f"done: {funnel['rows_read']} rows read, {funnel['rows_after_filters']} after filters, "
          f"{funnel['duplicates_removed']} duplicates, {funnel['rows_written']} written in {seconds:.1f}s")
     return {"output": out_uri, "version": storage.basename(out_uri), "skipped": False, "funnel": funnel,
-            "manifest": written}
+            "manifest": written, "resumed": resumed}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -338,13 +338,17 @@ def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def decode_image(data: bytes, size: int) -> tuple[np.ndarray, Optional[str]]:
+def decode_image(data: bytes, size: int, max_pixels: int | None = None) -> tuple[np.ndarray, Optional[str]]:
     """Image bytes -> (size, size, 3) uint8 RGB, covering the square and center-cropped, and the
     original mode when it was converted (grayscale, CMYK, palette, alpha) else None. Raises PIL's
-    errors for undecodable data; `Image.MAX_IMAGE_PIXELS` bounds decompression bombs."""
+    errors for undecodable data, and DecompressionBombError above `max_pixels` (checked from the
+    header, before any pixel is decoded)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.size[0]}x{image.size[1]} = {image.size[0] * image.size[1]} pixels > max_image_pixels {max_pixels}")
         original_mode = image.mode
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that still covers `size`
         image.load()
@@ -375,7 +379,8 @@ def _failure_reason(exc: BaseException) -> str:
     return "decode_error"
 
 
-def _read_sample(key: str, parts: dict[str, bytes], size: int) -> tuple[dict, Optional[np.ndarray]]:
+def _read_sample(key: str, parts: dict[str, bytes], size: int, max_pixels: int
+                 ) -> tuple[dict, Optional[np.ndarray]]:
     """One tar sample -> (record, pixels or None). record has uid/caption, or reason/detail if skipped."""
     record: dict[str, Any] = {"key": key}
     if "json" not in parts:
@@ -400,7 +405,7 @@ def _read_sample(key: str, parts: dict[str, bytes], size: int) -> tuple[dict, Op
     if size == 0:  # text-only run: images are not decoded
         return record, None
     try:
-        pixels, converted = decode_image(parts[image_ext], size)
+        pixels, converted = decode_image(parts[image_ext], size, max_pixels)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data; each is a counted skip
         return {**record, "reason": _failure_reason(exc), "detail": f"{type(exc).__name__}: {exc}"[:200]}, None
     if converted:
@@ -415,6 +420,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int,
     conversions) and `pixels` (n x size x size x 3 uint8 bytes). The last chunk has is_last=True."""
     from PIL import Image
 
+    # PIL itself only refuses above 2x its limit; decode_image enforces the limit exactly.
     Image.MAX_IMAGE_PIXELS = max_image_pixels
     (name,), (tar_uri,) = batch["shard"], batch["tar"]
 
@@ -438,7 +444,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int,
         if len(records) == chunk_size:
             yield chunk_row(index, records, pixels, False)
             records, pixels, index = [], [], index + 1
-        record, image = _read_sample(key, parts, size)
+        record, image = _read_sample(key, parts, size, max_image_pixels)
         records.append(record)
         if image is not None:
             pixels.append(image)
@@ -709,8 +715,9 @@ def _log_metrics(run, metrics: dict, step: int) -> None:
 
 
 def _encode_shards(cfg: PrecomputeConfig, ray, out_dir: str, todo: list[tuple[str, str]], spec: dict,
-                   actors: int, shapes: dict, run) -> None:
-    """Run the Ray Data pipeline over the unfinished shards and finalize each when complete."""
+                   actors: int, shapes: dict, run) -> dict:
+    """Run the Ray Data pipeline over the unfinished shards and finalize each when complete; returns
+    timings (the steady rate counts from the first finished chunk, so it excludes actor start-up)."""
     import ray.data
 
     use_gpu = spec["use_gpu"]
@@ -722,12 +729,13 @@ def _encode_shards(cfg: PrecomputeConfig, ray, out_dir: str, todo: list[tuple[st
     # decoding into the encoder actors (fusion needs identical remote args), which would serialise
     # decoding behind the encoders instead of running it on the other CPUs.
     chunk_bytes = cfg.batch_size * max(spec["decode_resolution"], 1) ** 2 * 3
-    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (512 << 20),
+    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (768 << 20),
                         fn_kwargs={"chunk_size": cfg.batch_size, "size": spec["decode_resolution"],
                                    "max_image_pixels": cfg.max_image_pixels})
-    ds = ds.map_batches(ChunkEncoder, batch_size=1, concurrency=actors, num_gpus=1 if use_gpu else 0,
+    ds = ds.map_batches(ChunkEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=1 if use_gpu else 0,
                         num_cpus=cfg.cpus_per_actor,
-                        fn_constructor_kwargs={"spec": spec, "threads": None if use_gpu else int(cfg.cpus_per_actor)})
+                        fn_constructor_kwargs={"spec": spec, "threads": None if use_gpu else max(1, round(cfg.cpus_per_actor))})
     ds = ds.map_batches(write_chunk, batch_size=1, num_cpus=0.5,
                         fn_kwargs={"out_dir": out_dir, "shapes": shapes, "row_group_size": cfg.row_group_size})
 
@@ -738,10 +746,13 @@ def _encode_shards(cfg: PrecomputeConfig, ray, out_dir: str, todo: list[tuple[st
     in_flight: dict[str, Any] = {}
     done = {"samples": 0, "written": 0, "shards": 0}
     started = last_log = time.time()
+    first_chunk: tuple[float, int] | None = None
     try:
         for row in ds.iter_rows():
             name, chunk = str(row["shard"]), int(row["chunk"])
             summary = json.loads(row["summary"])
+            if first_chunk is None:
+                first_chunk = (time.time(), summary["input_samples"])
             chunks[name][chunk] = summary
             if bool(row["is_last"]):
                 last_chunk[name] = chunk
@@ -772,9 +783,13 @@ def _encode_shards(cfg: PrecomputeConfig, ray, out_dir: str, todo: list[tuple[st
     missing = [name for name, _ in todo if name not in last_chunk or len(chunks[name]) != last_chunk[name] + 1]
     if missing:
         raise PrecomputeError(f"{len(missing)} shards did not complete, e.g. {missing[:5]}")
-    elapsed = time.time() - started
-    _log_metrics(run, {"samples_per_s": done["samples"] / max(elapsed, 1e-9), "encode_seconds": elapsed},
-                 step=done["samples"])
+    finished_at = time.time()
+    timings = {"seconds": finished_at - started, "samples": done["samples"],
+               "samples_per_s": done["samples"] / max(finished_at - started, 1e-9)}
+    if first_chunk is not None and finished_at > first_chunk[0] and done["samples"] > first_chunk[1]:
+        timings["steady_samples_per_s"] = (done["samples"] - first_chunk[1]) / (finished_at - first_chunk[0])
+    _log_metrics(run, {k: v for k, v in timings.items() if k != "samples"}, step=done["samples"])
+    return timings
 
 
 def run(cfg: PrecomputeConfig) -> dict:
@@ -817,8 +832,7 @@ def run(cfg: PrecomputeConfig) -> dict:
                                        "sha256": manifest_lib.hash_bytes(buffer.getvalue())}
         log.info("precompute: %d of %d shards to do -> %s (%d %s actors)", len(todo), len(tars), out_dir, actors,
                  "GPU" if use_gpu else "CPU")
-        if todo:
-            _encode_shards(cfg, ray, out_dir, todo, spec, actors, shapes, mlrun)
+        timings = _encode_shards(cfg, ray, out_dir, todo, spec, actors, shapes, mlrun) if todo else {}
 
         shard_entries, totals = [], Counter()
         skipped_by_reason, converted_by_mode = Counter(), Counter()
@@ -843,6 +857,9 @@ def run(cfg: PrecomputeConfig) -> dict:
         extra.update({"columns": columns, "string_columns": ["key", "uid", "caption"], "shards": shard_entries,
                       "row_group_size": cfg.row_group_size, "encoders": sources,
                       "input_manifest_hash": manifest_lib.manifest_hash(input_uri),
+                      # This invocation only: a resumed run computed `shards_computed` of the shards.
+                      "last_run": {"shards_computed": len(todo), "actors": actors,
+                                   "device": "cuda" if use_gpu else "cpu", **timings},
                       "notes": {"semantic": "raw Semantic Compressor (BatchNorm) output; Stage C trains on (x+1)/42",
                                 "stage_a": "unquantized Stage A latent divided by its scale_factor"}})
         if mlrun is not None:

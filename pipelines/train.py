@@ -418,13 +418,29 @@ def _check_resume(cfg: TrainConfig, info: dict, run_dir: str) -> None:
             f"resuming would mix two recipes. Use a new run_name, or set train.allow_config_change=true")
 
 
+def _reenter(directory: str) -> None:
+    """chdir to `directory` again. On a local multi-node Ray cluster (several raylets sharing one temp
+    dir) a job's working_dir can be re-extracted at the same path after the driver connects, which
+    leaves the driver in a deleted directory: os.getcwd() (MLflow calls it) then fails."""
+    try:
+        os.chdir(directory)
+    except OSError:
+        os.chdir(tempfile.gettempdir())
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train (or resume) the configured run; returns a summary (run dir, step, export, MLflow run id)."""
+    # torch must be imported before ray.init(): in a `ray job submit` driver with a working_dir runtime
+    # env, importing it afterwards aborts with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
+    import torch  # noqa: F401
+
+    start_dir = os.getcwd()
     ray = init_ray(cfg.ray)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     plan = plan_run(cfg, _use_gpu(cfg, ray))
+    _reenter(start_dir)
     info_path = storage.join(plan.run_dir, RUN_INFO)
     info = storage.read_json(info_path) if storage.exists(info_path) else None
     if info is not None:
@@ -453,8 +469,12 @@ def run(cfg: TrainConfig) -> dict:
         resources = {"CPU": cfg.train.cpus_per_worker}
         if plan.use_gpu:
             resources["GPU"] = 1
+        # By reference from the importable module: under `python -m pipelines.train` this file is
+        # __main__, and cloudpickle would ship __main__'s functions by value, without their imports.
+        from pipelines.train import train_worker as worker_entry
+
         trainer = TorchTrainer(
-            train_worker,
+            worker_entry,
             train_loop_config={"config": config_lib.to_dict(cfg), "plan": dataclasses.asdict(plan)},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=plan.use_gpu,
                                          resources_per_worker=resources),

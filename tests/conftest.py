@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # spinning threads fighting over them (measured: 20x slower tiny forward passes without this).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wurst/torch_extensions"))
+# Embedded Ray in tests binds to 127.0.0.1 instead of the machine's routable address (tests talk to
+# loopback only); `python -m cluster up` sets this per node itself.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # An embedded Ray started by a test must not pick up a token meant for a submitted job.
 for _var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
     os.environ.pop(_var, None)

@@ -144,13 +144,13 @@ def test_extra_columns_kept_and_null_filled():
 
 def test_uid_is_blake2b_of_url_and_caption():
     t = schema.add_uid(canonical({"URL": ["http://a.com/x", "http://a.com/x"], "TEXT": ["cat", None]}))
-    expected = [hashlib.blake2b(b"http://a.com/x\x00cat", digest_size=8).hexdigest(),
-                hashlib.blake2b(b"http://a.com/x\x00", digest_size=8).hexdigest()]
+    expected = [hashlib.blake2b(b"http://a.com/x\x00cat", digest_size=16).hexdigest(),
+                hashlib.blake2b(b"http://a.com/x\x00", digest_size=16).hexdigest()]
     assert t.column("uid").to_pylist() == expected
     assert t.column_names[0] == "uid"
     # Stable across slicing/chunking.
-    sliced = hashing.hex64(pa.chunked_array([pa.array(["a", "b"]), pa.array(["c"])]).slice(1))
-    assert sliced.to_pylist() == [hashlib.blake2b(v, digest_size=8).hexdigest() for v in (b"b", b"c")]
+    sliced = hashing.hex_digest(pa.chunked_array([pa.array(["a", "b"]), pa.array(["c"])]).slice(1))
+    assert sliced.to_pylist() == [hashlib.blake2b(v, digest_size=16).hexdigest() for v in (b"b", b"c")]
 
 
 # ------------------------------------------------------------------------------------------ filters
