@@ -42,7 +42,6 @@ ALIASES: dict[str, tuple[str, ...]] = {
 STRING_COLUMNS = ("URL", "TEXT", "LANGUAGE")
 SIZE_COLUMNS = ("WIDTH", "HEIGHT")
 SCORE_COLUMNS = ("aesthetic", "punsafe", "pwatermark", "similarity")
-INT_COLUMNS = ("hash",)
 
 CANONICAL_TYPES: dict[str, pa.DataType] = {
     "uid": pa.string(),

@@ -1,10 +1,14 @@
-"""`python -m pipelines.precompute`: CLIP text embeddings, Semantic-Compressor and Stage A latents,
-computed once from a `download` output into columnar shards that training reads column by column.
+"""`python -m pipelines.precompute`: text embeddings and image latents, computed once into shards.
+
+CLIP text states, Semantic-Compressor latents and Stage A latents are computed once from a
+`download` output into columnar shards that training reads column by column.
 
     python -m pipelines.precompute --config configs/precompute.yaml --input data/images/<version>
 
 Data flow (Ray Data, streaming; nothing is materialised whole):
 
+0. the encoders are probed once (output shapes, the empty caption's embedding), on a GPU when the
+   actors use GPUs, else in the driver;
 1. one task per input shard ``NNNNN.tar`` reads the tar sequentially, groups members by webdataset
    key, decodes each image with PIL on CPU (grayscale / CMYK / palette / alpha converted to RGB and
    counted; undecodable images skipped with a named reason), center-crops and resizes it to the
@@ -561,7 +565,7 @@ class ChunkEncoder:
 
 
 def compute_probe(spec: dict) -> dict:
-    return Encoders(spec, threads=1 if not spec["use_gpu"] else None).probe()
+    return Encoders(spec).probe()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,8 +823,12 @@ def run(cfg: PrecomputeConfig) -> dict:
     run_name = f"precompute-{storage.basename(out_dir)}"
     with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow, input_uri=input_uri,
                             run_name=run_name, tags={"wurst.output_uri": out_dir}) as mlrun:
-        probe_task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(compute_probe)
-        probe = ray.get(probe_task.remote(spec))
+        if use_gpu:
+            probe = ray.get(ray.remote(num_gpus=1, num_cpus=1)(compute_probe).remote(spec))
+        else:
+            # CPU actors use the same device and precision: probing here spares a worker that would
+            # import and load the encoders only for this.
+            probe = compute_probe(spec)
         shapes = probe["shapes"]
         extra: dict[str, Any] = {}
         if probe["empty_text_emb"] is not None:

@@ -42,7 +42,14 @@ def init_ray(cfg: RayConfig | None = None):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Loopback only: an embedded Ray is private to this process tree.
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        # Ray gives its raylet a fixed 30 s to register; an overloaded machine can miss that, so retry.
+        for attempt in range(3):
+            try:
+                ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+                         include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                ray.shutdown()
     return ray

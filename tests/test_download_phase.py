@@ -280,6 +280,8 @@ def test_guarded_opener_enforces_on_the_connected_address(servers, monkeypatch):
     hits_before = second.total_hits()
     with pytest.raises(urllib.error.URLError, match="blocked_address.*127.0.0.2 is loopback"):
         opener.open(second_url, timeout=5)
+    with pytest.raises(urllib.error.URLError, match="blocked_address"):  # HTTPS: refused before TLS
+        opener.open(f"https://127.0.0.2:{second.port}/opener/good.jpg", timeout=5)
     # Redirects are checked hop by hop.
     redirect = main.add("/opener/redirect", Route(302, b"", "text/plain", headers=(("Location", second_url),)))
     with pytest.raises(urllib.error.URLError, match="blocked_address"):

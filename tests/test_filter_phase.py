@@ -364,6 +364,20 @@ def test_interrupted_run_resumes_from_its_markers(embedded_ray, laion_dir, tmp_p
     assert read_output(resumed["output"]).equals(read_output(fresh["output"]))
 
 
+def test_dedup_off_keeps_every_survivor_and_extra_columns_are_carried(embedded_ray, laion_dir, tmp_path):
+    summary = run_phase(laion_dir, str(tmp_path / "out"), tmp_path, "dedup.enabled=false",
+                        "schema.extra_columns=[__index_level_0__]")
+    funnel = summary["funnel"]
+    assert funnel["duplicates_removed"] == 0 and funnel_adds_up(funnel)
+    assert funnel["rows_written"] == funnel["rows_after_filters"]
+    table = read_output(summary["output"])
+    assert table.num_rows == funnel["rows_written"]
+    assert table.schema.names[-1] == "__index_level_0__"  # only the V2 file has it: nulls elsewhere
+    index = table.column("__index_level_0__")
+    assert 0 < index.null_count < table.num_rows
+    assert not os.path.exists(os.path.join(summary["output"], "duplicates"))
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"filters\.order\[0\]: unknown filter 'colour'"):
         filter_phase.main(["--input", str(tmp_path), "--set", "filters.order=[colour]"])

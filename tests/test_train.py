@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -171,9 +172,12 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
     images = [a.path for a in client.list_artifacts(run_id, "images")]
     assert any(p.endswith(".png") and "samples" in p for p in images), images
 
-    # Checkpoints: Ray kept the last 2, each with every rank's DeepSpeed shards, RNG and EMA shards.
-    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))
-    assert len(checkpoints) == 2
+    # Checkpoints: Ray keeps the last 2 (it deletes older ones asynchronously), each with every rank's
+    # DeepSpeed shards, RNG and EMA shards.
+    deadline = time.time() + 60
+    while len(checkpoints := sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))) > 2 and time.time() < deadline:
+        time.sleep(1)
+    assert len(checkpoints) == 2, checkpoints
     latest = checkpoints[-1]
     with open(os.path.join(latest, train.TRAIN_STATE)) as f:
         assert json.load(f)["step"] == STEPS
