@@ -9,7 +9,8 @@ each (best of --repeats, alternating to spread machine noise) and our overhead i
 (target <= 10%), twice: end to end (wall time of the whole call) and inside shard tasks (images per
 second of per-shard time: img2dataset's own shard duration for the bare run, our whole shard task -
 input read, downloader, image inspection, verification, publishing - for ours). Ray is started before timing our side, as on a cluster that `ray job submit`
-targets; each side's worker start-up and imports are inside its timing. Traffic goes to 127.0.0.1 only.
+targets, with its workers at the same niceness as img2dataset's processes; each side's worker
+start-up and imports are inside its timing. Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ def main(argv=None) -> dict:
         input_dir = make_input(os.path.join(work, "filtered"), args.rows, port)
         from pipelines.runtime import RayConfig, init_ray
 
+        # Ray starts its workers at nice 15 (to keep its own daemons responsive). On a machine shared
+        # with other busy processes that alone halves their CPU share, which is not what this compares:
+        # the bare img2dataset processes run at nice 0, so ours do too.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         init_ray(RayConfig(num_cpus=args.processes))
         end_to_end = {"bare": [], "ours": []}
         per_shard = {"bare": [], "ours": []}

@@ -298,6 +298,14 @@ def output_dir(cfg: TrainConfig) -> str:
     return storage.join(runs_root(cfg), run_name(cfg))
 
 
+def is_complete(cfg: TrainConfig, run_dir: str) -> bool:
+    """A finished run: its manifest exists and records at least the configured max_steps."""
+    if not manifest_lib.has_manifest(run_dir):
+        return False
+    steps = (manifest_lib.read(run_dir).get("counts") or {}).get("steps") or 0
+    return steps >= cfg.train.max_steps
+
+
 def export_dir(cfg: TrainConfig) -> str:
     return storage.join(output_dir(cfg), EXPORT_DIR)
 
@@ -489,6 +497,13 @@ def run(cfg: TrainConfig) -> dict:
         summary = {"run_dir": plan.run_dir, "run_name": plan.run_name, "step": (result.metrics or {}).get("step"),
                    "export": storage.join(plan.run_dir, EXPORT_DIR), "mlflow_run_id": plan.mlflow_run_id,
                    "checkpoint": result.checkpoint.path if result.checkpoint else None}
+        # The completion marker and lineage record (the workflow skips a run whose manifest reached
+        # max_steps; raising max_steps later resumes the same run and rewrites it).
+        manifest_lib.write(plan.run_dir, phase=PHASE, cfg=cfg, input_uri=plan.input_uri,
+                           input_id=manifest_lib.input_identity(plan.input_uri),
+                           counts={"steps": summary["step"], "max_steps": cfg.train.max_steps},
+                           extra={"stage": cfg.stage, "run_name": plan.run_name, "export": summary["export"]},
+                           mlflow_run_id=plan.mlflow_run_id)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -154,7 +154,10 @@ def plan_phase(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -
         raise ConfigError(f"step {step.name!r} ({step.module}): {exc}") from None
     out = module.output_dir(phase_cfg)
     argv = (["--config", config_path] if config_path else []) + [a for o in overrides for a in ("--set", o)]
-    return PlannedStep(step, out, manifest_lib.has_manifest(out), argv)
+    # A phase may define its own completion test (train: reached max_steps); else the manifest.
+    is_complete = getattr(module, "is_complete", None)
+    done = is_complete(phase_cfg, out) if is_complete else manifest_lib.has_manifest(out)
+    return PlannedStep(step, out, done, argv)
 
 
 def plan_generate(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -> PlannedStep:

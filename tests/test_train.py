@@ -175,7 +175,7 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
     # Checkpoints: Ray keeps the last 2 (it deletes older ones asynchronously), each with every rank's
     # DeepSpeed shards, RNG and EMA shards.
     deadline = time.time() + 60
-    while len(checkpoints := sorted(glob.glob(os.path.join(run_dir, "checkpoint_*")))) > 2 and time.time() < deadline:
+    while len(checkpoints := sorted(glob.glob(os.path.join(run_dir, "checkpoint_*/")))) > 2 and time.time() < deadline:
         time.sleep(1)
     assert len(checkpoints) == 2, checkpoints
     latest = checkpoints[-1]
