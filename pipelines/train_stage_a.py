@@ -169,7 +169,10 @@ class StageARunner:
         reseed_per_rank(cfg.data.seed, rank)
         self.dtype = torch.bfloat16 if plan.bf16 else torch.float32
         self.engine, self.scheduler = make_engine(cfg, plan, world, model)
-        self.disc_engine, _ = make_engine(cfg, plan, world, disc, lr=self.loss_cfg.discriminator.lr)
+        # The discriminator is small: at most ZeRO-2, so its parameters stay whole on every rank and the
+        # generator's adversarial term can run the bare module (see train_step).
+        self.disc_engine, _ = make_engine(cfg, plan, world, disc, lr=self.loss_cfg.discriminator.lr,
+                                          zero_stage=min(cfg.train.zero_stage, 2))
         self.engines = {"model": self.engine, "discriminator": self.disc_engine}
         self._preview = None
 
@@ -217,8 +220,11 @@ class StageARunner:
                 loss = loss + lc.perceptual_weight * perceptual
                 add("perceptual", perceptual.detach())
             if adversarial:
+                # The bare module, not the engine: DeepSpeed's engine forward hooks its outputs so that a
+                # backward through them runs the discriminator's gradient reduction epilogue, which must
+                # not happen inside the generator's backward (its parameters are frozen here anyway).
                 with frozen(disc_module):
-                    adv = -self.disc_engine(reconstruction).float().mean()
+                    adv = -disc_module(reconstruction).float().mean()
                 loss = loss + lc.adversarial_weight * adv
                 add("adversarial", adv.detach())
             self.engine.backward(loss)
