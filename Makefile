@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/wurst/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-all test-fast bench clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,13 @@ demo: setup
 	$(PY) -m pipelines.demo
 
 test: setup
+	$(PY) -m pytest -q tests -m "not slow_e2e"
+
+test-all: setup
 	$(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not e2e"
+	$(PY) -m pytest -q tests -m "not e2e and not slow_e2e"
 
 bench: setup
 	$(PY) bench/filter.py

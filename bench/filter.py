@@ -278,12 +278,14 @@ def main() -> None:
             print(f"generated {args.rows:,} rows in {len(paths)} files in {time.time() - t:.1f}s "
                   f"({sum(os.path.getsize(p) for p in paths) / 2**20:.0f} MiB)")
 
-        from pipelines.runtime import RayConfig, init_ray
+        import ray
 
         # Slow start-up of Ray's agents on a loaded machine must not kill the benchmark.
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
         os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
-        init_ray(RayConfig(num_cpus=args.cpus))
+        # A private Ray with exactly --cpus CPUs (a bare ray.init() would join any `ray start`
+        # cluster on the machine); the phase's init_ray then reuses it.
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
         warm_dir = os.path.join(workdir, "warmup")
         generate(warm_dir, 20_000, 2, seed=1)
         ours(warm_dir, os.path.join(workdir, "out-warmup"), args.cpus, workdir)

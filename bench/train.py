@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import math
 import os
 import sys
 import time
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             tflops = rate * flops / 1e12
             mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
             mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:11.1f}" if device.type == "cuda" else "        n/a"
-            print(f"{case.name:<20} {variant:<13} {case.batch:>5} {flops / 1e9:12.2f} {rate:10.2f} {tflops:8.2f} {mfu} {mem}")
+            print(f"{case.name:<20} {variant:<13} {case.batch:>5} {flops / 1e9:12.2f} {rate:10.2f} {tflops:8.3g} {mfu} {mem}")
             results[(case.name, variant)] = rate
         if device.type == "cuda" and not args.no_max_batch:
             for checkpointing in (False, True):
@@ -209,10 +208,6 @@ def main(argv: list[str] | None = None) -> None:
             hours = PAPER_STAGE_C_SAMPLES / rate / 3600
             print(f"projection: {case_name} {variant}: 1.42B samples = {hours:,.0f} GPU-hours on this device "
                   f"(paper: {PAPER_STAGE_C_A100_HOURS:,} A100-hours, mostly at 12x12)")
-    if not args.paper:
-        for (case_name, variant), rate in results.items():
-            print(f"{case_name} {variant}: {rate:.1f} samples/s on CPU "
-                  f"({math.ceil(PAPER_STAGE_C_SAMPLES / rate / 3600):,} hours for 1.42B tiny samples, for scale only)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Kept apart from the training loop so the rules that bite are in one place:
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -154,8 +154,3 @@ def _is_persistent_buffer(module: torch.nn.Module, dotted: str) -> bool:
     owner_name, _, leaf = dotted.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return leaf not in getattr(owner, "_non_persistent_buffers_set", set())
-
-
-def param_names_in_order(module: torch.nn.Module) -> Iterator[str]:
-    for name, _ in module.named_parameters():
-        yield name

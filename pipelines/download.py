@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -478,6 +479,12 @@ def summarize_results(results: pa.Table, input_uids: pa.Array) -> tuple[int, dic
 
 
 def _publish(local_path: str, dest_uri: str) -> None:
+    """Move a finished scratch file to its place in the output (a rename when both are on one
+    local filesystem, a streamed copy otherwise, e.g. to an object store)."""
+    dest_local = storage.local_path(dest_uri)
+    if dest_local is not None:
+        shutil.move(local_path, dest_local)
+        return
     fs, path = storage.resolve(dest_uri)
     pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 

@@ -19,14 +19,6 @@ from stages.text import TextEncoder, TextEncoderConfig
 wuerstchen = pytest.importorskip("diffusers.pipelines.deprecated.wuerstchen")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread
-    hand-offs dominate their run time; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -162,22 +162,26 @@ def reference(rows: list[dict], aesthetic_min: float = 5.0) -> tuple[dict, set[s
 
 @pytest.fixture(scope="module")
 def embedded_ray():
+    """One private local Ray for the module's phase runs (the phase's init_ray then reuses it)."""
     import ray
 
-    from pipelines.runtime import RayConfig, init_ray
-
+    saved_env = dict(os.environ)
     started = not ray.is_initialized()
-    # On a loaded 2-core box the raylet can take longer than Ray's default 30 s to register.
+    # On a loaded 2-core box the raylet and its agents can take longer than Ray's defaults.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    # address="local": a bare ray.init() would join the newest `ray start` cluster on the machine
+    # (Ray reads /tmp/ray/ray_current_cluster), e.g. another test's cluster.
     try:
-        init_ray(RayConfig(num_cpus=2))
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     except Exception:  # noqa: BLE001 - a node that timed out starting; one more try, then fail
         ray.shutdown()
-        init_ray(RayConfig(num_cpus=2))
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     if started:
         ray.shutdown()
+    os.environ.clear()  # ray.init exports RAY_* variables that later `ray start` calls would inherit
+    os.environ.update(saved_env)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +219,23 @@ def funnel_adds_up(funnel: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- tests
+
+
+def test_submitted_as_ray_job(ray_cluster, laion_dir, tmp_path):
+    # First in the module: the cluster starts before this module's embedded Ray exists.
+    out = tmp_path / "out"
+    status, logs = ray_cluster.submit(
+        [sys.executable, "-m", "pipelines.filter", "--input", laion_dir, "--output", str(out),
+         "--set", "dedup.num_buckets=2", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+        timeout=400)
+    assert status == "SUCCEEDED", logs
+    (version,) = os.listdir(out)
+    funnel = json.load(open(out / version / "funnel.json"))
+    assert funnel["rows_read"] == 550 and funnel_adds_up(funnel)
+    _, expected_uids = reference(all_input_rows(laion_dir))
+    assert set(read_output(str(out / version)).column("uid").to_pylist()) == expected_uids
+    runs = tracking.find_runs("filter", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert runs and runs[0].data.metrics["rows_written"] == funnel["rows_written"]
 
 
 def test_phase_matches_reference_and_logs_mlflow(embedded_ray, laion_dir, tmp_path):
@@ -385,19 +406,3 @@ def test_config_errors_name_the_key(tmp_path):
         filter_phase.main(["--input", str(tmp_path), "--set", "filters.aesthetic.min=11"])
     with pytest.raises(ConfigError, match="input: required"):
         filter_phase.main(["--set", f"data_root={tmp_path}"])
-
-
-def test_submitted_as_ray_job(ray_cluster, laion_dir, tmp_path):
-    out = tmp_path / "out"
-    status, logs = ray_cluster.submit(
-        [sys.executable, "-m", "pipelines.filter", "--input", laion_dir, "--output", str(out),
-         "--set", "dedup.num_buckets=2", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
-        timeout=400)
-    assert status == "SUCCEEDED", logs
-    (version,) = os.listdir(out)
-    funnel = json.load(open(out / version / "funnel.json"))
-    assert funnel["rows_read"] == 550 and funnel_adds_up(funnel)
-    _, expected_uids = reference(all_input_rows(laion_dir))
-    assert set(read_output(str(out / version)).column("uid").to_pylist()) == expected_uids
-    runs = tracking.find_runs("filter", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert runs and runs[0].data.metrics["rows_written"] == funnel["rows_written"]

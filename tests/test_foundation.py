@@ -77,8 +77,10 @@ def test_secret_redaction_in_params_and_saved_config(tmp_path):
         assert "AKIA123" not in text and "hunter2" not in text
 
 
-def test_secret_never_reaches_mlflow(tmp_path):
+def test_secret_never_reaches_mlflow(tmp_path, monkeypatch):
     import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded default store
 
     cfg = config_lib.load(Outer, None, ["access_key=AKIA123"])
     with tracking.start_run("unit", cfg, data_root=str(tmp_path),

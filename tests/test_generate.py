@@ -25,14 +25,6 @@ from stages.text import TextEncoder, TextEncoderConfig
 FAST = ["--steps-c", "3", "--steps-b", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread
-    hand-offs dominate their run time; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,6 @@ PAPER_SEMANTIC_PARAMS = 20_198_000
 CLIP_H_TEXT_PARAMS = 354_032_640
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread
-    hand-offs dominate their run time; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------ Semantic Compressor

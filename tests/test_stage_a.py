@@ -10,14 +10,6 @@ from stages.stage_a import StageA, StageAConfig, count_parameters
 PAPER_STAGE_A_PARAMS = 18_406_894
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread
-    hand-offs dominate their run time; restore the setting for other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _tiny(seed: int = 0) -> StageA:

@@ -90,7 +90,7 @@ def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_clu
     loss, psnr = metric_by_step(client, run_id, "loss"), metric_by_step(client, run_id, "psnr")
     assert sorted(loss) == list(range(1, STEPS + 1))
     first, last = np.mean([loss[s] for s in range(1, 5)]), np.mean([loss[s] for s in range(STEPS - 3, STEPS + 1)])
-    assert last < 0.7 * first, f"loss did not decrease: {first:.4f} -> {last:.4f}"
+    assert last < 0.85 * first, f"loss did not decrease: {first:.4f} -> {last:.4f}"
     psnr_first = np.mean([psnr[s] for s in range(1, 5)])
     psnr_last = np.mean([psnr[s] for s in range(STEPS - 3, STEPS + 1)])
     assert psnr_last > psnr_first + 1.0, f"PSNR did not improve: {psnr_first:.2f} -> {psnr_last:.2f} dB"

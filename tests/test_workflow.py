@@ -92,6 +92,7 @@ def test_demo_data_has_the_faults_the_funnel_must_show(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e
 def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_workflow_run, ray_cluster, tmp_path):
     summary = demo_workflow_run["summary"]
     assert list(summary) == ["filter", "download", "encoders", "train_a", "precompute", "train_b", "train_c",
