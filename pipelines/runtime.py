@@ -45,7 +45,8 @@ def init_ray(cfg: RayConfig | None = None):
         # Ray gives its raylet a fixed 30 s to register; an overloaded machine can miss that, so retry.
         for attempt in range(3):
             try:
-                ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
+                # address="local": a bare ray.init() would join the newest `ray start` cluster on the machine.
+                ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
                          include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
                 break
             except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
