@@ -40,7 +40,20 @@ def init_ray(cfg: RayConfig | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        start_dir = os.getcwd()
         ray.init(address=address, log_to_driver=True)
+        # On a multi-node cluster sharing one machine, a job's working_dir can be re-extracted at the
+        # same path after the driver connects, leaving this process in a deleted directory (MLflow
+        # and pathlib call getcwd): step back into the path, which exists again.
+        try:
+            os.getcwd()
+        except FileNotFoundError:
+            try:
+                os.chdir(start_dir)
+            except OSError:
+                import tempfile
+
+                os.chdir(tempfile.gettempdir())
     else:
         # Ray gives its raylet a fixed 30 s to register; an overloaded machine can miss that, so retry.
         for attempt in range(3):
