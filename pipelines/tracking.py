@@ -98,6 +98,17 @@ def lineage_tags(phase: str, cfg: Any, input_uri: str | None = None) -> dict[str
     return tags
 
 
+def _ensure_cwd(data_root: str) -> None:
+    """MLflow resolves paths against the cwd. A `ray job submit` driver on a multi-node cluster that
+    shares one machine can find its working_dir deleted and re-extracted under it; step out of it."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        import tempfile
+
+        os.chdir(storage.local_path(data_root) or tempfile.gettempdir())
+
+
 @contextlib.contextmanager
 def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig | None = None,
               input_uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
@@ -111,6 +122,7 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    _ensure_cwd(data_root)
     uri = tracking_uri_for(data_root, mlflow_cfg.tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
