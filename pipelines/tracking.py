@@ -122,8 +122,8 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    _ensure_cwd(data_root)
     uri = tracking_uri_for(data_root, mlflow_cfg.tracking_uri)
+    _ensure_cwd(data_root)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = experiment_name(phase, mlflow_cfg)
