@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # DeepSpeed JIT-builds its ops on first use; keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/wurst/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
+# albumentations (via img2dataset) would otherwise call PyPI on every import.
+export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup demo test test-all test-fast bench clean

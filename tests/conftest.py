@@ -18,6 +18,7 @@ PYTHON = sys.executable
 RAY = os.path.join(os.path.dirname(PYTHON), "ray")
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no PyPI call from albumentations
 # Two cores shared by the test process and Ray/DeepSpeed workers: one intra-op thread each avoids
 # spinning threads fighting over them (measured: a 60+12-step tiny generation took 44 s with 2
 # threads and 1.4 s with 1 on a busy machine). Set before anything imports torch.
