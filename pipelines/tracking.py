@@ -124,18 +124,28 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
 
     uri = tracking_uri_for(data_root, mlflow_cfg.tracking_uri)
     _ensure_cwd(data_root)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ. Left there, it would
+    # send every later run of this process (another phase of a workflow, a test) and every process
+    # it spawns (a `cluster up`) to this run's store: put the environment back afterwards.
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    name = experiment_name(phase, mlflow_cfg)
-    exp_id = _ensure_experiment(client, name, uri, data_root)
-    all_tags = lineage_tags(phase, cfg, input_uri)
-    all_tags.update(tags or {})
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                          run_name=None if run_id else (run_name or mlflow_cfg.run_name),
-                          tags=all_tags, log_system_metrics=mlflow_cfg.system_metrics) as run:
-        if log_params and run_id is None:
-            log_config_params(cfg)
-        yield run
+    try:
+        client = MlflowClient(uri)
+        name = experiment_name(phase, mlflow_cfg)
+        exp_id = _ensure_experiment(client, name, uri, data_root)
+        all_tags = lineage_tags(phase, cfg, input_uri)
+        all_tags.update(tags or {})
+        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                              run_name=None if run_id else (run_name or mlflow_cfg.run_name),
+                              tags=all_tags, log_system_metrics=mlflow_cfg.system_metrics) as run:
+            if log_params and run_id is None:
+                log_config_params(cfg)
+            yield run
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def find_runs(phase: str, *, tracking_uri: str, experiment_prefix: str = "wurst") -> list:

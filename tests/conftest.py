@@ -30,6 +30,17 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # An embedded Ray started by a test must not pick up a token meant for a submitted job.
 for _var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
     os.environ.pop(_var, None)
+# Each test names its own MLflow store; a tracking URI from the caller's shell must not leak in.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to os.environ; a test that calls it (or
+    MLflow APIs that do) must not hand its store to the tests after it, or to the session cluster
+    a later test starts (its jobs would log into this test's store)."""
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -86,8 +97,10 @@ class LocalRayCluster:
 
 
 def _cluster_cmd(state_dir: str, *args: str) -> subprocess.CompletedProcess:
+    # `cluster up` hands MLFLOW_TRACKING_URI to every job; the session cluster's jobs log to its data root.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run([PYTHON, "-m", "cluster", "--state-dir", state_dir, *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=400, env=env)
 
 
 @pytest.fixture(scope="session")

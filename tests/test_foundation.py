@@ -90,6 +90,9 @@ def test_secret_never_reaches_mlflow(tmp_path, monkeypatch):
     assert params["access_key"] == config_lib.REDACTED and params["inner.threshold"] == "5.0"
     assert mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name == "wurst-unit"
     assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    # ...but the run does not leave its store in the environment for later runs or child processes.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.tracking_uri_for(str(tmp_path / "other")) == f"sqlite:///{tmp_path}/other/mlflow.db"
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])
