@@ -23,7 +23,6 @@ import dataclasses
 import importlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -254,7 +253,8 @@ def run_submitted(planned: PlannedStep, cfg: WorkflowConfig) -> None:
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_bin, "job", "submit", "--address", address, "--submission-id", job_id,
            "--runtime-env", _abs_config_path(cfg.submit.runtime_env), "--no-wait", "--",
-           "python", "-m", module, *[shlex.quote(_relative_to_repo(a)) for a in planned.argv]]
+           # `ray job submit` shell-quotes each argument itself (shlex.join): pass them as they are.
+           "python", "-m", module, *[_relative_to_repo(a) for a in planned.argv]]
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)

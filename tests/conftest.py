@@ -123,3 +123,12 @@ def ray_cluster(tmp_path_factory):
     finally:
         down = _cluster_cmd(state_dir, "down")
         assert down.returncode == 0, f"cluster down left processes behind: {down.stdout}{down.stderr}"
+
+
+@pytest.fixture(scope="session")
+def demo_workflow_run(ray_cluster, tmp_path_factory):
+    """The small demo workflow (120 images, a few optimizer steps), submitted phase by phase with
+    `python -m pipelines.workflow --submit` to the session's cluster, once (workflow + MLflow UI tests)."""
+    from demo_workflow import submit_small_demo
+
+    return submit_small_demo(ray_cluster, tmp_path_factory.mktemp("workflow"))

@@ -89,7 +89,7 @@ def wait_for(predicate, timeout=90, what="condition"):
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
-def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, browser):
+def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     url, data_root = mlflow_server
@@ -98,33 +98,30 @@ def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, 
     for phase in PHASES:
         wait_for(lambda: f"wurst-{phase}" in body(), what=f"experiment wurst-{phase} listed")
 
-    # A training run that logged a sample grid: open its artifacts and look at the image.
-    runs = tracking.find_runs("train", tracking_uri=f"sqlite:///{data_root}/mlflow.db")
-    run = next(r for r in runs if r.data.tags.get("wurst.stage") in ("c", None) or True)
+    # A training run that logged a sample grid: open its Artifacts tab the way a person does
+    # (click the images folder, then the PNG) and check the preview <img> really loaded that image.
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     client = MlflowClient(f"sqlite:///{data_root}/mlflow.db")
+    samples = []
+    for run in tracking.find_runs("train", tracking_uri=f"sqlite:///{data_root}/mlflow.db"):
+        samples += [(run, a.path) for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert samples, "no training run logged a sample image"
+    run, png = samples[0]
+    local = client.download_artifacts(run.info.run_id, png, dst_path=str(tmp_path))
+    width = Image.open(local).size[0]
 
-    def image_paths(path=""):
-        out = []
-        for item in client.list_artifacts(run.info.run_id, path):
-            if item.is_dir:
-                out += image_paths(item.path)
-            elif item.path.endswith(".png"):
-                out.append(item.path)
-        return out
+    browser.get(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts")
+    click = lambda xpath: browser.find_elements(By.XPATH, xpath)[-1].click() or True  # noqa: E731
+    wait_for(lambda: click("//*[normalize-space(text())='images']"), what="images folder in the artifact tree")
+    name = os.path.basename(png)
+    wait_for(lambda: click(f"//*[starts-with(normalize-space(text()), '{name[:40]}')]"), what=f"{name} listed")
 
-    images = image_paths()
-    assert images, "the training run logged no sample image"
-    browser.get(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/{images[0]}")
-
-    def loaded_image():
+    def loaded_width():
         for img in browser.find_elements(By.TAG_NAME, "img"):
-            src = img.get_attribute("src") or ""
-            if "artifact" in src and browser.execute_script(
-                    "return arguments[0].complete && arguments[0].naturalWidth > 0", img):
-                return src
+            if (img.get_attribute("src") or "").startswith("blob:"):
+                return browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
         return None
 
-    src = wait_for(loaded_image, what=f"sample image {images[0]} rendered")
-    assert src
+    assert wait_for(loaded_width, what=f"sample image {png} rendered") == width

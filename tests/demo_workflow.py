@@ -1,0 +1,62 @@
+"""The small demo workflow the suite submits once per session (shared by the workflow and MLflow UI tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from pipelines import demo_data
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEMO_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
+
+# The demo config made smaller for the suite: fewer images and optimizer steps, 2 prompts.
+SMALL_OVERRIDES = {
+    "train_a": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6"],
+    "train_b": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
+                "sampling.steps=2"],
+    "train_c": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
+                "sampling.steps=2", "sampling.steps_b=2"],
+}
+
+
+def small_workflow(tmp_path, demo_root: str, data_root: str, extra: dict[str, list[str]] | None = None,
+                   disable: tuple[str, ...] = ()) -> str:
+    cfg = yaml.safe_load(open(DEMO_WORKFLOW))
+    for step in cfg["steps"]:
+        if step.get("input") == "@demo":
+            step["input"] = os.path.join(demo_root, "metadata")
+        step["set"] = list(step.get("set", [])) + SMALL_OVERRIDES.get(step["name"], []) + \
+            (extra or {}).get(step["name"], [])
+        if step["name"] in disable:
+            step["enabled"] = False
+        if step.get("kind") == "generate":
+            step["generate"].update({"prompts": step["generate"]["prompts"][:2], "n": 1, "steps_c": "3",
+                                     "steps_b": 2})
+    cfg["data_root"] = data_root
+    cfg["serve_demo"] = demo_root
+    path = tmp_path / f"workflow-{len(os.listdir(tmp_path))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run_workflow(cluster, config_path: str, timeout: float = 1500) -> dict:
+    out = subprocess.run([sys.executable, "-m", "pipelines.workflow", "--config", config_path, "--submit"],
+                         cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"workflow failed:\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+    return json.loads(out.stdout[out.stdout.rindex("\n{") + 1:])
+
+
+def submit_small_demo(ray_cluster, base) -> dict:
+    """The small demo workflow, drawn under `base` and submitted phase by phase to the cluster."""
+    demo_root, data_root = str(base / "demo"), str(base / "data")
+    demo_data.generate(demo_root, n=120)
+    config_path = small_workflow(base, demo_root, data_root)
+    summary = run_workflow(ray_cluster, config_path)
+    return {"base": base, "demo_root": demo_root, "data_root": data_root, "config": config_path,
+            "summary": summary}
