@@ -16,6 +16,7 @@ Kept apart from the training loop so the rules that bite are in one place:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -28,10 +29,26 @@ _MASTER_PARTITION_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partiti
 
 
 def ensure_extensions_dir() -> str:
-    """Point TORCH_EXTENSIONS_DIR at the shared cache (unless the user set it) before DeepSpeed loads."""
+    """Point TORCH_EXTENSIONS_DIR at the shared cache (unless the user set it) before DeepSpeed loads,
+    and make the build use our environment's ninja.
+
+    torch runs whichever `ninja` is first on PATH. A machine with a system ninja (1.11, log format v5)
+    next to the venv's (1.13, v7) rebuilt the op from scratch (~40 s) every time the other one ran
+    (a job started from the venv, a test run by `.venv/bin/python` without the venv on PATH): each
+    treats the other's build log as invalid."""
     path = os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR") or DEFAULT_TORCH_EXTENSIONS_DIR)
     os.environ["TORCH_EXTENSIONS_DIR"] = path
     os.makedirs(path, exist_ok=True)
+    try:
+        import ninja  # the PyPI wheel that torch's extension builds depend on
+
+        ninja_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        ninja_dir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(ninja_dir, "ninja")):
+        parts = os.environ.get("PATH", "").split(os.pathsep)
+        if not parts or parts[0] != ninja_dir:
+            os.environ["PATH"] = os.pathsep.join([ninja_dir, *[p for p in parts if p != ninja_dir]])
     return path
 
 

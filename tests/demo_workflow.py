@@ -17,10 +17,10 @@ DEMO_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
 
 # The demo config made smaller for the suite: fewer images and optimizer steps, 2 prompts.
 SMALL_OVERRIDES = {
-    "train_a": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6"],
-    "train_b": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
+    "train_a": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6"],
+    "train_b": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
                 "sampling.steps=2"],
-    "train_c": ["train.max_steps=6", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
+    "train_c": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
                 "sampling.steps=2", "sampling.steps_b=2"],
 }
 

@@ -24,7 +24,6 @@ PHASES = ["filter", "download", "encoders", "precompute", "train"]
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.slow_e2e,
     pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                        reason="Debian's chromium + chromium-driver are not installed (.ci/run installs them)"),
 ]

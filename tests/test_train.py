@@ -199,6 +199,7 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e  # the default suite trains + exports Stage B as a Ray job in test_workflow
 def test_stage_b_job_trains_and_exports(ray_cluster, inputs, tmp_path):
     result = submit_train(ray_cluster, "b", "b-reference",
                           *common_overrides(inputs, f"checkpoints.stage_c={inputs['companions']['stage_c']}"))
@@ -252,6 +253,7 @@ def test_resume_is_exact_after_stop_and_after_a_killed_worker(ray_cluster, c_ref
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e  # ~100 s: a third Stage C job; run by `make test-all`
 def test_zero3_with_ema_matches_zero2(ray_cluster, inputs, c_reference):
     result = submit_train(ray_cluster, "c", "c-zero3", *common_overrides(inputs, "train.zero_stage=3"))
     client = mlflow_client(ray_cluster)

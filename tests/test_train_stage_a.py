@@ -119,6 +119,7 @@ def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_clu
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e  # same resume code path as Stage C's kill test, which the default suite runs
 def test_stage_a_resume_after_a_killed_worker_is_exact(ray_cluster, a_reference, images):
     resumed = submit_train_a(ray_cluster, "a-killed", images, "fault.kill_rank=1", "fault.kill_at_step=10")
     assert os.path.exists(os.path.join(resumed["run_dir"], ".fault-injected-step-10"))
