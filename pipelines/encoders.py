@@ -115,7 +115,9 @@ def run(cfg: EncodersConfig) -> str:
     if manifest_lib.has_manifest(out):
         print(f"[encoders] up to date: {out}")
         return out
-    with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow) as run_:
+    with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow,
+                            run_name=cfg.mlflow.run_name or f"encoders-{os.path.basename(out.rstrip('/'))}",
+                            tags={"wurst.output_uri": out}) as run_:
         info = build(cfg, out)
         if run_ is not None:
             import mlflow

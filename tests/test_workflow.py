@@ -67,6 +67,15 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
         model = stages.load(os.path.join(summary[step]["output"], "export", kind), expected_kind=kind)
         assert model is not None
 
+    # Lineage: each phase's MLflow run names the run that produced its input.
+    def run_of(step):
+        return json.load(open(os.path.join(summary[step]["output"], "manifest.json")))["mlflow_run_id"]
+
+    for child, parent in (("download", "filter"), ("precompute", "download"), ("train_a", "download"),
+                          ("train_b", "precompute"), ("train_c", "precompute")):
+        tags = client.get_run(run_of(child)).data.tags
+        assert tags["wurst.input_run_id"] == run_of(parent), (child, parent)
+
     # Same config again: every phase is up to date.
     again = run_workflow(ray_cluster, demo_workflow_run["config"])
     assert all(s["status"] == "skipped" for s in again.values()), again
