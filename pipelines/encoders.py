@@ -6,6 +6,13 @@ in the config (never a hub download) and writes `<data_root>/encoders/<version>/
 plus a manifest with the source files' hashes. With `random_weights: true` it writes seeded random
 weights instead: that is what tests and the demo use (nothing can be downloaded there), and the
 manifest says so in `weights: random`, never silently.
+
+Random weights + `input` (the download phase's image shards): the Semantic Compressor's output
+BatchNorm is calibrated on those images. A trained EfficientNet encoder emits latents spanning about
++-40, which is why the paper's Stage C trains on (x + 1) / 42; a random one emits ~0.02, so Stage C's
+targets would be ~5e-4, the noise would be trivially predictable and nothing would be learned. The
+calibration sets the BatchNorm statistics from the data (mean, variance per channel) and its affine
+to 42 / -1, so (x + 1) / 42 has zero mean and unit variance per channel, as in the paper's latents.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ class EncodersConfig:
     # Explicit opt-in to seeded random weights (tests, the demo); never a silent fallback.
     random_weights: bool = False
     seed: int = param(0, ge=0)
+    # Image shards (download output) to calibrate the random Semantic Compressor's scale on; only
+    # with random_weights (real weights carry their trained statistics).
+    input: Optional[str] = None
+    calibration_images: int = param(256, ge=8)
+    # Resolution the calibration encodes at: the one precompute encodes semantic latents at.
+    calibration_resolution: int = param(96, ge=32)
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
     def validate(self) -> None:
@@ -48,6 +61,11 @@ class EncodersConfig:
             if not self.semantic_weights:
                 raise ConfigError("semantic_weights: required (a local Semantic Compressor weights file), "
                                   "or set random_weights: true for tests")
+        if self.input and not self.random_weights:
+            raise ConfigError("input: calibration images apply only with random_weights: true "
+                              "(real weights keep their trained statistics)")
+        if self.input and not storage.exists(self.input):
+            raise ConfigError(f"input: {self.input} does not exist (image shards from the download phase)")
         for key in ("text_weights", "semantic_weights"):
             path = getattr(self, key)
             if path and not self.random_weights and not os.path.isfile(path):
@@ -64,14 +82,15 @@ def _file_sha256(path: str) -> str:
 
 def source_identity(cfg: EncodersConfig) -> str:
     if cfg.random_weights:
-        return f"random:{cfg.seed}"
+        calibration = f",calibrated:{manifest_lib.input_identity(cfg.input)}" if cfg.input else ""
+        return f"random:{cfg.seed}{calibration}"
     return "files:" + ",".join(_file_sha256(p) for p in (cfg.text_weights, cfg.semantic_weights))
 
 
 def output_dir(cfg: EncodersConfig) -> str:
     root = cfg.output or storage.join(cfg.data_root, "encoders")
     version = manifest_lib.version_id(PHASE, cfg, source_identity(cfg),
-                                      exclude=("output", "data_root", "mlflow", "text_weights", "semantic_weights"))
+                                      exclude=("output", "data_root", "mlflow", "text_weights", "semantic_weights", "input"))
     return storage.join(root, version)
 
 
@@ -96,6 +115,7 @@ def build(cfg: EncodersConfig, out: str) -> dict:
                               f"{cfg.semantic_preset} Semantic Compressor (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
     semantic.eval()
+    calibration = calibrate_semantic(semantic, cfg) if cfg.input else None
     local = storage.local_path(out)
     if local is None:
         raise ConfigError("output: encoders must be written to a local or shared filesystem path")
@@ -107,7 +127,45 @@ def build(cfg: EncodersConfig, out: str) -> dict:
         "semantic": {"preset": cfg.semantic_preset, "image_size": semantic.config.image_size,
                      "sha256": None if cfg.random_weights else _file_sha256(cfg.semantic_weights)},
         "weights": "random" if cfg.random_weights else "files",
+        "calibration": calibration,
     }
+
+
+def calibrate_semantic(semantic, cfg: EncodersConfig) -> dict:
+    """Set the output BatchNorm of a random Semantic Compressor from the pre-norm feature statistics of
+    up to `calibration_images` images of `input` (see the module docstring for why)."""
+    import torch
+
+    from pipelines import image_shards
+
+    size = cfg.calibration_resolution
+    try:
+        reader = image_shards.ImageShardDataset(cfg.input, seed=cfg.seed, batch_size=32, image_size=size,
+                                                crop_size=size, shuffle_window=256)
+    except image_shards.ImageShardError as exc:
+        raise ConfigError(f"input: {exc}") from None
+    limit = min(cfg.calibration_images, reader.num_samples)  # the reader cycles epochs: one pass at most
+    conv, norm = semantic.mapper[0], semantic.mapper[1]
+    total, total_sq, count, images = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for batch in reader:
+            pixels = batch["images"][: limit - images]
+            features = conv(semantic.backbone(semantic.preprocess(pixels, size))).double()
+            total = total + features.sum(dim=(0, 2, 3))
+            total_sq = total_sq + (features ** 2).sum(dim=(0, 2, 3))
+            count += features.shape[0] * features.shape[2] * features.shape[3]
+            images += pixels.shape[0]
+            if images >= limit:
+                break
+    if images == 0:
+        raise ConfigError(f"input: {cfg.input} has no images to calibrate the Semantic Compressor on")
+    mean = total / count
+    var = (total_sq / count - mean ** 2).clamp_min(1e-12)
+    norm.running_mean.copy_(mean.float())
+    norm.running_var.copy_(var.float())
+    norm.weight.data.fill_(42.0)
+    norm.bias.data.fill_(-1.0)
+    return {"images": images, "resolution": size, "input": cfg.input}
 
 
 def run(cfg: EncodersConfig) -> str:
@@ -116,6 +174,7 @@ def run(cfg: EncodersConfig) -> str:
         print(f"[encoders] up to date: {out}")
         return out
     with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow,
+                            input_uri=cfg.input,
                             run_name=cfg.mlflow.run_name or f"encoders-{os.path.basename(out.rstrip('/'))}",
                             tags={"wurst.output_uri": out}) as run_:
         info = build(cfg, out)
@@ -123,7 +182,7 @@ def run(cfg: EncodersConfig) -> str:
             import mlflow
 
             mlflow.set_tag("wurst.weights", info["weights"])
-        manifest_lib.write(out, phase=PHASE, cfg=cfg, input_uri=None, input_id=source_identity(cfg),
+        manifest_lib.write(out, phase=PHASE, cfg=cfg, input_uri=cfg.input, input_id=source_identity(cfg),
                            counts={}, extra={"encoders": info},
                            mlflow_run_id=run_.info.run_id if run_ is not None else None)
     print(f"[encoders] wrote {out} ({info['weights']} weights)")
@@ -133,6 +192,7 @@ def run(cfg: EncodersConfig) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = config_lib.argument_parser(__doc__.splitlines()[0], io=False)
     parser.add_argument("--output", help="output root URI (overrides config key `output`)")
+    parser.add_argument("--input", help="image shards to calibrate random weights on (config key `input`)")
     args = parser.parse_args(argv)
     return run(config_lib.load_from_args(EncodersConfig, args))
 

@@ -1,0 +1,70 @@
+"""The encoders phase: seeded random encoders (tests, demo), their calibration on image shards, errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import stages
+from pipelines import config as config_lib
+from pipelines import encoders, manifest
+from pipelines.config import ConfigError
+from pipelines.image_shards import ImageShardDataset
+
+import train_fixtures
+
+BASE = ["text_preset=tiny", "semantic_preset=tiny", "random_weights=true", "mlflow.enabled=false"]
+
+
+def load(tmp_path, *extra: str) -> encoders.EncodersConfig:
+    return config_lib.load(encoders.EncodersConfig, None, [f"data_root={tmp_path}", *BASE, *extra])
+
+
+def test_random_encoders_are_written_once_and_say_they_are_random(tmp_path):
+    out = encoders.run(load(tmp_path))
+    assert os.path.isdir(os.path.join(out, "text")) and os.path.isdir(os.path.join(out, "semantic"))
+    info = manifest.read(out)["encoders"]
+    assert info["weights"] == "random" and info["calibration"] is None
+    mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
+    assert encoders.run(load(tmp_path)) == out  # up to date: nothing rewritten
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime
+    assert encoders.run(load(tmp_path, "seed=1")) != out
+
+
+def test_calibration_gives_stage_c_targets_unit_scale_on_the_images(tmp_path):
+    images = train_fixtures.write_image_shards(str(tmp_path / "images" / "v1"), size=64)
+    uncalibrated = stages.load(os.path.join(encoders.run(load(tmp_path)), "semantic"), expected_kind="semantic")
+    out = encoders.run(load(tmp_path, f"input={images}", "calibration_resolution=64", "calibration_images=32"))
+    info = manifest.read(out)["encoders"]["calibration"]
+    assert info == {"images": 32, "resolution": 64, "input": images}
+    calibrated = stages.load(os.path.join(out, "semantic"), expected_kind="semantic")
+
+    batch = next(iter(ImageShardDataset(images, batch_size=32, image_size=64, crop_size=64)))["images"]
+    with torch.no_grad():
+        before = uncalibrated.eval().encode_for_stage_c(batch, 64)
+        after = calibrated.eval().encode_for_stage_c(batch, 64)
+    # Random weights alone: targets far too small for a diffusion model to learn anything from.
+    assert float(before.std()) < 0.05
+    # Calibrated on these very images: per channel zero mean, unit variance.
+    per_channel = after.transpose(0, 1).reshape(after.shape[1], -1)
+    assert per_channel.mean(1).abs().max() < 0.05
+    assert ((per_channel.std(1) - 1).abs() < 0.05).all()
+    # A different input is a different encoders version.
+    assert out != encoders.run(load(tmp_path))
+
+
+def test_errors_name_the_key(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="input: calibration images apply only with random_weights"):
+        config_lib.load(encoders.EncodersConfig, None, [
+            f"data_root={tmp_path}", f"text_weights={weights}", f"semantic_weights={weights}",
+            f"input={tmp_path}"])
+    with pytest.raises(ConfigError, match="text_weights: required"):
+        config_lib.load(encoders.EncodersConfig, None, [f"data_root={tmp_path}"])
+    with pytest.raises(ConfigError, match="input: .*nothing does not exist"):
+        load(tmp_path, f"input={tmp_path / 'nothing'}")
+    with pytest.raises(ConfigError, match="input: .*no .tar shards"):
+        encoders.run(load(tmp_path, f"input={tmp_path}"))
