@@ -26,7 +26,7 @@ SMALL_OVERRIDES = {
 
 
 def small_workflow(tmp_path, demo_root: str, data_root: str, extra: dict[str, list[str]] | None = None,
-                   disable: tuple[str, ...] = ()) -> str:
+                   disable: tuple[str, ...] = (), generate: dict | None = None) -> str:
     cfg = yaml.safe_load(open(DEMO_WORKFLOW))
     for step in cfg["steps"]:
         if step.get("input") == "@demo":
@@ -37,7 +37,7 @@ def small_workflow(tmp_path, demo_root: str, data_root: str, extra: dict[str, li
             step["enabled"] = False
         if step.get("kind") == "generate":
             step["generate"].update({"prompts": step["generate"]["prompts"][:2], "n": 1, "steps_c": "3",
-                                     "steps_b": 2})
+                                     "steps_b": 2, **(generate or {})})
     cfg["data_root"] = data_root
     cfg["serve_demo"] = demo_root
     path = tmp_path / f"workflow-{len(os.listdir(tmp_path))}.yaml"
