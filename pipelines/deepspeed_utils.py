@@ -47,7 +47,7 @@ def ensure_extensions_dir() -> str:
         ninja_dir = os.path.dirname(sys.executable)
     if os.path.exists(os.path.join(ninja_dir, "ninja")):
         parts = os.environ.get("PATH", "").split(os.pathsep)
-        if not parts or parts[0] != ninja_dir:
+        if parts[0] != ninja_dir:
             os.environ["PATH"] = os.pathsep.join([ninja_dir, *[p for p in parts if p != ninja_dir]])
     return path
 

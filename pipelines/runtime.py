@@ -30,6 +30,24 @@ class RayConfig:
     object_store_memory: Optional[int] = param(None, ge=78643200)
 
 
+def recover_cwd(*fallbacks: str | None) -> None:
+    """Step out of a deleted working directory into the first fallback that exists (else the temp dir).
+
+    On a multi-node cluster sharing one machine, a job's working_dir can be deleted and re-extracted
+    at the same path under a running driver; MLflow and pathlib call getcwd and would fail."""
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    import tempfile
+
+    for path in (*fallbacks, tempfile.gettempdir()):
+        if path and os.path.isdir(path):
+            os.chdir(path)
+            return
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Idempotent ray.init for a phase driver; returns the ray module."""
     import ray
@@ -42,18 +60,7 @@ def init_ray(cfg: RayConfig | None = None):
     if address:
         start_dir = os.getcwd()
         ray.init(address=address, log_to_driver=True)
-        # On a multi-node cluster sharing one machine, a job's working_dir can be re-extracted at the
-        # same path after the driver connects, leaving this process in a deleted directory (MLflow
-        # and pathlib call getcwd): step back into the path, which exists again.
-        try:
-            os.getcwd()
-        except FileNotFoundError:
-            try:
-                os.chdir(start_dir)
-            except OSError:
-                import tempfile
-
-                os.chdir(tempfile.gettempdir())
+        recover_cwd(start_dir)  # the working_dir may have been re-extracted at the same path
     else:
         # Ray gives its raylet a fixed 30 s to register; an overloaded machine can miss that, so retry.
         for attempt in range(3):

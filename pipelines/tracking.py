@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
-from pipelines import storage
+from pipelines import runtime, storage
 
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit is 6000 chars per param value
 PARAM_BATCH = 100
@@ -98,17 +98,6 @@ def lineage_tags(phase: str, cfg: Any, input_uri: str | None = None) -> dict[str
     return tags
 
 
-def _ensure_cwd(data_root: str) -> None:
-    """MLflow resolves paths against the cwd. A `ray job submit` driver on a multi-node cluster that
-    shares one machine can find its working_dir deleted and re-extracted under it; step out of it."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        import tempfile
-
-        os.chdir(storage.local_path(data_root) or tempfile.gettempdir())
-
-
 @contextlib.contextmanager
 def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig | None = None,
               input_uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
@@ -123,7 +112,7 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri_for(data_root, mlflow_cfg.tracking_uri)
-    _ensure_cwd(data_root)
+    runtime.recover_cwd(storage.local_path(data_root))  # MLflow resolves paths against the cwd
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ. Left there, it would
     # send every later run of this process (another phase of a workflow, a test) and every process
     # it spawns (a `cluster up`) to this run's store: put the environment back afterwards.

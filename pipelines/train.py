@@ -831,7 +831,7 @@ def make_engine(cfg: TrainConfig, plan: RunPlan, world: int, model, *, lr: float
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
     ds_config = deepspeed_utils.engine_config(
         micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-        world_size=world, zero_stage=zero_stage or cfg.train.zero_stage, bf16=plan.bf16, grad_clip=optim.grad_clip)
+        world_size=world, zero_stage=cfg.train.zero_stage if zero_stage is None else zero_stage, bf16=plan.bf16, grad_clip=optim.grad_clip)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     deepspeed_utils.use_safe_checkpoint_loading(engine)

@@ -34,15 +34,6 @@ for _var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_mlflow_uri():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to os.environ; a test that calls it (or
-    MLflow APIs that do) must not hand its store to the tests after it, or to the session cluster
-    a later test starts (its jobs would log into this test's store)."""
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-
-
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

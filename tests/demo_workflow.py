@@ -11,7 +11,7 @@ import yaml
 
 from pipelines import demo_data
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 
 DEMO_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
 
