@@ -15,10 +15,13 @@ export PYTHONPATH := $(CURDIR)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (this
+# sandbox, many CI images) every process then recompiles torch, DeepSpeed, MLflow and Ray from source on
+# import. Measured on 2 cores: `import deepspeed` 10.4 s -> 4.7 s, a tiny Stage C Ray Train job 152 s -> 53 s.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -e '.[dev]'
 	@touch $(STAMP)
 
 demo: setup
