@@ -16,9 +16,10 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
 import types
 import typing
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -303,3 +304,18 @@ def load_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     return load(cls, args.config, overrides)
+
+
+def run_cli(phase: str, main: Callable[[list[str]], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
+    """The `python -m pipelines.<phase>` entry: ``main(sys.argv[1:])``, where an expected failure ends with
+    one line ``<phase>: error: ...`` on stderr instead of a traceback: exit status 2 for a bad config
+    (the message names the key path), 1 for the phase's own ``errors`` (bad input, failed shards).
+    ``main`` itself raises, so Python callers (tests, the workflow) see the exception."""
+    try:
+        main(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"{phase}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except errors as exc:
+        print(f"{phase}: error: {exc}", file=sys.stderr)
+        sys.exit(1)

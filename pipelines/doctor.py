@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import sys
 from importlib import metadata
 
 from pipelines import config as config_lib
@@ -77,4 +76,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config_lib.run_cli("doctor", main)

@@ -770,8 +770,4 @@ if __name__ == "__main__":
     # shard tasks would skip this module's import-time set-up (and its classes would be copies).
     from pipelines import download as _module
 
-    try:
-        _module.main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, _module.ShardsFailedError) as exc:
-        print(f"download: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    config_lib.run_cli("download", _module.main, (FileNotFoundError, ValueError, _module.ShardsFailedError))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import sys
 from typing import Literal, Optional
 
 from pipelines import config as config_lib
@@ -198,4 +197,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config_lib.run_cli("encoders", main)

@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import math
-import sys
 import time
 from typing import Any, Optional, Union
 
@@ -762,14 +761,7 @@ def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_
 def main(argv: list[str] | None = None) -> dict:
     parser = config_lib.argument_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_from_args(FilterConfig, args)
-        summary = run(cfg)
-    except (ConfigError, FilterInputError) as exc:
-        if argv is not None:  # called from Python (tests, workflow): let the caller see the exception
-            raise
-        print(f"filter: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    summary = run(config_lib.load_from_args(FilterConfig, args))
     print(json.dumps({"output": summary["output"], "version": summary["version"], "skipped": summary["skipped"],
                       "rows_read": summary["funnel"]["rows_read"],
                       "rows_written": summary["funnel"]["rows_written"]}))
@@ -777,4 +769,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    config_lib.run_cli("filter", main, (FilterInputError,))

@@ -896,16 +896,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = config_lib.argument_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_from_args(PrecomputeConfig, args)
-        result = run(cfg)
-    except (ConfigError, PrecomputeError) as exc:
-        print(f"precompute: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = run(config_lib.load_from_args(PrecomputeConfig, args))
     print(json.dumps({"output": storage.join(output_root(cfg), result["version"]), "counts": result["counts"],
                       "columns": result.get("columns")}, indent=2))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config_lib.run_cli("precompute", main, (PrecomputeError,))

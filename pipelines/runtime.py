@@ -7,7 +7,9 @@ cluster. Run by hand with no address, a phase starts a private local Ray (the em
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import threading
 from typing import Optional
 
 from pipelines.config import param
@@ -48,6 +50,27 @@ def recover_cwd(*fallbacks: str | None) -> None:
             return
 
 
+# Ray Train starts a detached PlacementGroupCleaner whose thread asks the State API every second whether
+# the controller is alive. The embedded Ray has no dashboard, so no State API: each check logs a warning
+# (~150 lines in a 2-minute training job), and where another Ray runs on the machine the thread dies with
+# a 30-line "Found multiple active Ray instances" traceback. What it guards against, a placement group
+# left by a crashed controller, cannot outlive a private Ray that ends with its driver.
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
+def quiet_embedded_worker_logs() -> None:
+    """worker_process_setup_hook of the embedded Ray: silences the PlacementGroupCleaner (see above)."""
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    default_hook = threading.excepthook
+
+    def hook(args) -> None:
+        if args.thread is None or args.thread.name != _PG_CLEANER_THREAD:
+            default_hook(args)
+
+    threading.excepthook = hook
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Idempotent ray.init for a phase driver; returns the ray module."""
     import ray
@@ -67,7 +90,8 @@ def init_ray(cfg: RayConfig | None = None):
             try:
                 # address="local": a bare ray.init() would join the newest `ray start` cluster on the machine.
                 ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory,
-                         include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+                         include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+                         runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_embedded_worker_logs.__name__}"})
                 break
             except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception here
                 if "timed out during startup" not in str(exc) or attempt == 2:

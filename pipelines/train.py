@@ -512,11 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = config_lib.argument_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_from_args(TrainConfig, args)
-    except ConfigError as exc:
-        parser.exit(2, f"config error: {exc}\n")
-    return run(cfg)
+    return run(config_lib.load_from_args(TrainConfig, args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1062,4 +1058,4 @@ def write_export(kind: str, module, export_uri: str, step: int, *, ema: bool, pl
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config_lib.run_cli("train", main)

@@ -325,4 +325,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config_lib.run_cli("workflow", main)

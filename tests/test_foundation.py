@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from typing import Literal, Optional
 
 import pytest
@@ -12,6 +14,8 @@ import pytest
 from pipelines import config as config_lib
 from pipelines import manifest, storage, tracking
 from pipelines.config import ConfigError, param
+
+from conftest import REPO_ROOT
 
 
 @dataclasses.dataclass
@@ -54,6 +58,30 @@ def test_bad_values_name_the_key_path(overrides, message):
     with pytest.raises(ConfigError) as err:
         config_lib.load(Outer, None, overrides)
     assert message in str(err.value)
+
+
+# Every phase's command line: a bad value ends with one line naming the key path and exit status 2,
+# not a traceback (the phases' own modules, as `ray job submit -- python -m pipelines.X` runs them).
+PHASE_CLI_ERRORS = {
+    "doctor": ("bogus=1", "doctor: error: bogus: unknown config key"),
+    "filter": ("filters.aesthetic.min=11", "filter: error: filters.aesthetic.min: expected a value <= 10.0"),
+    "download": ("shard_size=abc", "download: error: shard_size: expected int, got 'abc'"),
+    "encoders": ("text_preset=clip-l", "encoders: error: text_preset: expected one of"),
+    "precompute": ("batch_size=0", "precompute: error: batch_size: expected a value >= 1, got 0"),
+    "train": ("stage=d", "train: error: stage: expected one of"),
+    "workflow": ("steps=3", "workflow: error: steps: expected a list, got 3"),
+}
+
+
+def test_every_phase_cli_reports_config_errors_with_the_key_path():
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    procs = {phase: subprocess.Popen([sys.executable, "-m", f"pipelines.{phase}", "--set", override], cwd=REPO_ROOT,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for phase, (override, _) in PHASE_CLI_ERRORS.items()}
+    for phase, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        expected = PHASE_CLI_ERRORS[phase][1]
+        assert proc.returncode == 2 and expected in err and "Traceback" not in err, (phase, proc.returncode, out, err)
 
 
 def test_bad_yaml_file_is_named(tmp_path):
@@ -157,3 +185,26 @@ def test_doctor_job_on_local_cluster(ray_cluster):
     assert report["cluster"]["nodes"] == 2  # head + 1 worker node
     runs = tracking.find_runs("doctor", tracking_uri=f"sqlite:///{ray_cluster.data_root}/mlflow.db")
     assert report["mlflow_run_id"] in [r.info.run_id for r in runs]
+
+
+def test_embedded_ray_worker_hook_silences_only_the_placement_group_cleaner(monkeypatch):
+    import logging
+    import threading
+
+    from pipelines import runtime
+
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.thread.name))
+    cleaner_logger = logging.getLogger(runtime._PG_CLEANER_LOGGER)
+    monkeypatch.setattr(cleaner_logger, "level", cleaner_logger.level)
+    runtime.quiet_embedded_worker_logs()
+    assert not cleaner_logger.isEnabledFor(logging.WARNING) and cleaner_logger.isEnabledFor(logging.ERROR)
+
+    def fail():
+        raise ConnectionError("Found multiple active Ray instances")
+
+    for name in (runtime._PG_CLEANER_THREAD, "SomeOtherThread"):
+        thread = threading.Thread(target=fail, name=name)
+        thread.start()
+        thread.join()
+    assert reported == ["SomeOtherThread"]
