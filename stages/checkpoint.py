@@ -201,15 +201,21 @@ def save_config(kind: str, config: Any, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """The parsed JSON at ``path``; FileNotFoundError naming ``what`` when it is missing, CheckpointError when
+    it is not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+
+
 def read_config(directory: str | os.PathLike, expected_kind: str | None = None) -> tuple[str, Any]:
     """(kind, config dataclass) of a checkpoint directory, checking the kind if one is expected."""
     config_path = Path(directory) / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"checkpoint config not found: {config_path}")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    data = read_json_file(config_path, "checkpoint config")
     if not isinstance(data, dict) or "kind" not in data or not isinstance(data.get("config"), dict):
         found = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{config_path}: expected {{'kind': ..., 'config': {{...}}}}, got {found}")

@@ -35,6 +35,7 @@ from stages.checkpoint import (
     check_state_dict,
     model_classes,
     read_config,
+    read_json_file,
     read_state_dict_file,
     save_state,
     write_json,
@@ -78,12 +79,7 @@ def _variant(name: str, variant: str | None) -> str:
 def read_diffusers_config(folder: Path) -> tuple[str, dict[str, Any]]:
     """(class name, config dict) of a diffusers model folder."""
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"diffusers model config not found: {config_path}")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    data = read_json_file(config_path, "diffusers model config")
     class_name = data.get("_class_name") if isinstance(data, dict) else None
     if class_name not in DIFFUSERS_CLASSES:
         raise CheckpointError(
