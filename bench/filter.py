@@ -97,7 +97,6 @@ def add_duplicates(rng: np.random.Generator, core: dict, earlier: list[dict], ra
     pool = earlier[-2:] + [core]
     sizes = np.cumsum([0] + [len(p["URL"]) for p in pool])
     picks = rng.integers(0, sizes[-1], len(rows))
-    which = np.searchsorted(sizes, picks, side="right") - 1
     out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in core.items()}
     for name in ("WIDTH", "HEIGHT", "aesthetic", "pwatermark", "punsafe", "similarity"):
         source = np.concatenate([p[name] for p in pool])

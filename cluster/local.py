@@ -104,8 +104,7 @@ def _ray_binary() -> str:
 
 def _node_port_args(head: bool) -> list[str]:
     # Every port explicit and free: two clusters on one machine otherwise collide (6379, 8265, 52365).
-    p = free_ports(9)
-    lo = p[8] if p[8] < 60000 else 20000
+    p = free_ports(7)
     args = [
         "--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
         "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),

@@ -260,7 +260,6 @@ class LatentDataset(IterableDataset):
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         batch = self.batch_size or 1
         per_epoch = self.samples_per_epoch
-        n_windows = -(-per_epoch // self.shuffle_window)
         stream_end = None if self.infinite else per_epoch  # stream positions counted from epoch start
         position = self.start_offset
         # Samples gathered for this worker but not yet emitted, with their batch numbers.

@@ -896,7 +896,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = config_lib.argument_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    result = run(config_lib.load_from_args(PrecomputeConfig, args))
+    cfg = config_lib.load_from_args(PrecomputeConfig, args)
+    result = run(cfg)
     print(json.dumps({"output": storage.join(output_root(cfg), result["version"]), "counts": result["counts"],
                       "columns": result.get("columns")}, indent=2))
     return result

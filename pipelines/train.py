@@ -691,7 +691,6 @@ class WorkerLoop:
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> None:
-        import torch
         import torch.distributed as dist
 
         from pipelines import train_specs
