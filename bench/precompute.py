@@ -165,7 +165,7 @@ def reader(work: str, samples: int) -> list[tuple[str, float, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines import latent_dataset as ld
+    from pipelines import latent_shards as ld
 
     root = os.path.join(work, "reader")
     os.makedirs(root, exist_ok=True)

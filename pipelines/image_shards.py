@@ -5,7 +5,7 @@
 "key": [str]}``: each image is resized so its shorter side is ``image_size`` and cropped at a random
 position to ``crop_size`` (paper: 128 px crops of images resized to 256).
 
-Ordering contract (the one ``pipelines.latent_dataset`` documents, with whole shards as blocks)
+Ordering contract (the one ``pipelines.latent_shards`` documents, with whole shards as blocks)
 ------------------------------------------------------------------------------------------------
 * N images are the members of the ``NNNNN.tar`` shards (sorted by name) with an image extension, in
   tar order; per-shard counts come from ``NNNNN_stats.json`` ("successes"), else from the shard's

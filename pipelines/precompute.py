@@ -24,7 +24,7 @@ Output ``<output root>/<version>/``: ``shard-NNNNN.parquet`` per input ``NNNNN.t
 unquantized latent / scale factor); per-shard counts in each file's footer; ``empty_text_emb.npy``
 (the empty caption's embedding, for guidance dropout); ``manifest.json`` last, with counts, column
 shapes and dtypes, per-shard row counts, encoder checkpoint hashes, the config and the input's
-manifest hash. Read it with ``pipelines.latent_dataset.LatentDataset``.
+manifest hash. Read it with ``pipelines.latent_shards.LatentDataset``.
 
 Resume: shards whose final file exists are skipped; unfinished shards are redone from scratch; a run
 whose manifest exists is a no-op. Input samples = written + skipped, checked per shard and in total.
@@ -74,7 +74,7 @@ class PrecomputeError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# The shard format (read by `pipelines.latent_dataset`); no torch here, so CPU workers stay light
+# The shard format (read by `pipelines.latent_shards`); no torch here, so CPU workers stay light
 
 
 def shard_schema(tensor_shapes: dict[str, Any]):

@@ -182,3 +182,27 @@ def open_input(uri: str):
 def open_output(uri: str):
     fs, path = resolve(uri)
     return fs.open_output_stream(path)
+
+
+def local_copy(uri: str) -> str:
+    """A local path for a file or directory (a checkpoint, a weights file): local URIs are returned as they
+    are; object-store ones are copied once into a per-URI cache under the temp dir (reused while complete)."""
+    local = local_path(uri)
+    if local is not None:
+        return local
+    import hashlib
+    import tempfile
+
+    name = hashlib.sha256(normalize(uri).encode()).hexdigest()[:16] + posixpath.splitext(uri.rstrip("/"))[1]
+    target = os.path.join(tempfile.gettempdir(), "wurst-local-copies", name)
+    done = target + ".complete"
+    if not os.path.exists(done):
+        if is_dir(uri):
+            base = normalize(uri).split("://", 1)[-1]
+            for path in list_files(uri, recursive=True):
+                dest = os.path.join(target, posixpath.relpath(path.split("://", 1)[-1], base))
+                write_bytes(dest, read_bytes(path))
+        else:
+            write_bytes(target, read_bytes(uri))
+        open(done, "w").close()
+    return target

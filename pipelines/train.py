@@ -890,7 +890,7 @@ class DiffusionRunner:
 
     # ------------------------------------------------------------ data
     def dataset(self, **kwargs):
-        from pipelines.latent_dataset import LatentDataset
+        from pipelines.latent_shards import LatentDataset
         from pipelines import train_specs
 
         return LatentDataset(self.plan.input_uri, list(train_specs.latent_columns(self.stage)), **kwargs)
@@ -967,7 +967,7 @@ class DiffusionRunner:
         """A fixed batch for sample grids, from its own reader (never from the training stream)."""
         if self._preview is None:
             from pipelines import train_specs
-            from pipelines.latent_dataset import LatentDataset
+            from pipelines.latent_shards import LatentDataset
 
             columns = list(train_specs.latent_columns(self.stage)) + ["caption"]
             reader = LatentDataset(self.plan.input_uri, columns, rank=0, world_size=1, seed=self.cfg.sampling.seed,

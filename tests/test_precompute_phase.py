@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipelines import config as config_lib
-from pipelines import latent_dataset as ld
+from pipelines import latent_shards as ld
 from pipelines import precompute
 from pipelines import tracking
 

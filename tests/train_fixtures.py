@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import latent_dataset as ld
+from pipelines import latent_shards as ld
 
 TEXT_TOKENS, TEXT_WIDTH = 77, 32  # the tiny CLIP's width = tiny Stage C c_cond = tiny Stage B clip_embd
 SEMANTIC_SHAPE = (16, 4, 4)

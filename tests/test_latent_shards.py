@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines import latent_dataset as ld
-from pipelines.latent_dataset import LatentDataset, LatentDatasetError
+from pipelines import latent_shards as ld
+from pipelines.latent_shards import LatentDataset, LatentDatasetError
 
 SHARD_ROWS = [10, 7, 13, 1]  # uneven on purpose: short last blocks, a one-row shard
 ROW_GROUP = 4
