@@ -296,7 +296,7 @@ def main() -> None:
         summary = ours(input_dir, out_root, args.cpus, workdir)
         ours_s = time.time() - t
         ours_cpu = ray_cpu_seconds() + own_cpu_seconds() - cpu_before
-        funnel = summary["funnel"]
+        funnel = summary.details["funnel"]
         ours_per_core = args.rows / ours_s / args.cpus
         print(f"ours:   {ours_s:7.1f}s wall on {args.cpus} CPUs ({ours_cpu:.1f}s CPU)  {args.rows / ours_s:11,.0f} rows/s"
               f"  {ours_per_core:9,.0f} rows/s/core  {args.rows / ours_cpu:9,.0f} rows/CPU-s  "
@@ -322,7 +322,7 @@ def main() -> None:
             same_funnel = ({k: v for k, v in baseline["removed"].items() if v} == ours_removed
                            and baseline["duplicates_removed"] == funnel["duplicates_removed"]
                            and baseline["rows_written"] == funnel["rows_written"])
-            same_rows = baseline["uids"] == read_uids(summary["output"])
+            same_rows = baseline["uids"] == read_uids(summary.output)
             print(f"same funnel: {same_funnel}   same output uids: {same_rows}")
             ratio = ours_per_core / pandas_per_core
             cpu_ratio = pandas_cpu / ours_cpu

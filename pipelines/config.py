@@ -16,10 +16,9 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 import types
 import typing
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -286,14 +285,12 @@ def config_hash(cfg: Any, exclude: Iterable[str] = ()) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def argument_parser(description: str, *, io: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def argument_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """`--config FILE` and repeatable `--set KEY.PATH=VALUE`: the flags every command takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file (local path or URI); default: the paper's settings")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value; repeatable")
-    if io:
-        parser.add_argument("--input", help="input dataset URI (overrides config key `input`)")
-        parser.add_argument("--output", help="output root URI (overrides config key `output`)")
     return parser
 
 
@@ -304,18 +301,3 @@ def load_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     return load(cls, args.config, overrides)
-
-
-def run_cli(phase: str, main: Callable[[list[str]], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
-    """The `python -m pipelines.<phase>` entry: ``main(sys.argv[1:])``, where an expected failure ends with
-    one line ``<phase>: error: ...`` on stderr instead of a traceback: exit status 2 for a bad config
-    (the message names the key path), 1 for the phase's own ``errors`` (bad input, failed shards).
-    ``main`` itself raises, so Python callers (tests, the workflow) see the exception."""
-    try:
-        main(sys.argv[1:])
-    except ConfigError as exc:
-        print(f"{phase}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except errors as exc:
-        print(f"{phase}: error: {exc}", file=sys.stderr)
-        sys.exit(1)

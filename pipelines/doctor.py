@@ -13,6 +13,7 @@ from importlib import metadata
 
 from pipelines import config as config_lib
 from pipelines import tracking
+from pipelines.phase import module_cli
 from pipelines.runtime import RayConfig, default_data_root, init_ray
 
 PACKAGES = ["torch", "torchvision", "ray", "deepspeed", "mlflow", "img2dataset", "webdataset", "pyarrow",
@@ -56,7 +57,7 @@ def cluster_resources(cfg: RayConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = config_lib.argument_parser(__doc__.splitlines()[0], io=False)
+    parser = config_lib.argument_parser(__doc__.splitlines()[0], prog="python -m pipelines.doctor")
     cfg = config_lib.load_from_args(DoctorConfig, parser.parse_args(argv))
     report = {"versions": versions(), "accelerator": accelerator(), "cluster": cluster_resources(cfg.ray)}
     with tracking.start_run("doctor", cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow,
@@ -76,4 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    config_lib.run_cli("doctor", main)
+    module_cli(__spec__.name)

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import Literal, Optional
 
-from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
+from pipelines.phase import Context, Outcome, Phase, PhaseResult, module_cli
 from pipelines.runtime import default_data_root
 
-PHASE = "encoders"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -87,10 +88,7 @@ def source_identity(cfg: EncodersConfig) -> str:
 
 
 def output_dir(cfg: EncodersConfig) -> str:
-    root = cfg.output or storage.join(cfg.data_root, "encoders")
-    version = manifest_lib.version_id(PHASE, cfg, source_identity(cfg),
-                                      exclude=("output", "data_root", "mlflow", "text_weights", "semantic_weights", "input"))
-    return storage.join(root, version)
+    return PHASE.output_dir(cfg)
 
 
 def build(cfg: EncodersConfig, out: str) -> dict:
@@ -167,34 +165,35 @@ def calibrate_semantic(semantic, cfg: EncodersConfig) -> dict:
     return {"images": images, "resolution": size, "input": cfg.input}
 
 
-def run(cfg: EncodersConfig) -> str:
-    out = output_dir(cfg)
-    if manifest_lib.has_manifest(out):
-        print(f"[encoders] up to date: {out}")
-        return out
-    with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow,
-                            input_uri=cfg.input,
-                            run_name=cfg.mlflow.run_name or f"encoders-{os.path.basename(out.rstrip('/'))}",
-                            tags={"wurst.output_uri": out}) as run_:
-        info = build(cfg, out)
-        if run_ is not None:
-            import mlflow
+class EncodersPhase(Phase):
+    name = "encoders"
+    config_class = EncodersConfig
+    output_subdir = "encoders"
+    description = __doc__.splitlines()[0]
+    version_exclude = ("output", "data_root", "mlflow", "text_weights", "semantic_weights", "input")
+    uses_ray = False
+    input_help = "image shards to calibrate random weights on (config key `input`)"
 
-            mlflow.set_tag("wurst.weights", info["weights"])
-        manifest_lib.write(out, phase=PHASE, cfg=cfg, input_uri=cfg.input, input_id=source_identity(cfg),
-                           counts={}, extra={"encoders": info},
-                           mlflow_run_id=run_.info.run_id if run_ is not None else None)
-    print(f"[encoders] wrote {out} ({info['weights']} weights)")
-    return out
+    def input_identity(self, cfg: EncodersConfig) -> str:
+        return source_identity(cfg)
+
+    def execute(self, ctx: Context) -> Outcome:
+        info = build(ctx.cfg, ctx.output)
+        ctx.set_tags({"wurst.weights": info["weights"]})
+        log.info("wrote %s (%s weights)", ctx.output, info["weights"])
+        return Outcome(counts={}, extra={"encoders": info})
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = config_lib.argument_parser(__doc__.splitlines()[0], io=False)
-    parser.add_argument("--output", help="output root URI (overrides config key `output`)")
-    parser.add_argument("--input", help="image shards to calibrate random weights on (config key `input`)")
-    args = parser.parse_args(argv)
-    return run(config_lib.load_from_args(EncodersConfig, args))
+PHASE = EncodersPhase()
+
+
+def run(cfg: EncodersConfig) -> PhaseResult:
+    return PHASE.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> PhaseResult:
+    return PHASE.main(argv)
 
 
 if __name__ == "__main__":
-    config_lib.run_cli("encoders", main)
+    module_cli(__spec__.name)

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import time
 from typing import Any, Optional, Union
@@ -45,13 +46,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_filters import dedup, filters, schema
-from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
-from pipelines.runtime import RayConfig, default_data_root, init_ray
+from pipelines.phase import Context, InputError, Outcome, Phase, PhaseResult, module_cli
+from pipelines.runtime import RayConfig, default_data_root
 
-PHASE = "filter"
+log = logging.getLogger(__name__)
+
+PHASE_NAME = "filter"
 OUTPUT_SUBDIR = "filtered"
 TMP_DIR = "_work.tmp"
 FUNNEL = "funnel.json"
@@ -129,7 +132,7 @@ class FilterConfig:
                 raise ConfigError(f"schema.extra_columns[{i}]: {name!r} is a canonical output column")
 
 
-class FilterInputError(ValueError):
+class FilterInputError(InputError):
     """The input cannot be filtered as configured; the message names file, column and key."""
 
 
@@ -144,10 +147,6 @@ def input_uris(cfg: FilterConfig) -> list[str]:
     return [storage.normalize(u) for u in uris]
 
 
-def output_root(cfg: FilterConfig) -> str:
-    return storage.normalize(cfg.output) if cfg.output else storage.join(cfg.data_root, OUTPUT_SUBDIR)
-
-
 def input_identity(cfg: FilterConfig) -> str:
     uris = input_uris(cfg)
     for uri in uris:
@@ -159,13 +158,9 @@ def input_identity(cfg: FilterConfig) -> str:
     return "inputs:" + hashlib.sha256(json.dumps(identities).encode()).hexdigest()
 
 
-def version(cfg: FilterConfig, identity: str | None = None) -> str:
-    return manifest_lib.version_id(PHASE, cfg, identity or input_identity(cfg), exclude=VERSION_EXCLUDE)
-
-
 def output_dir(cfg: FilterConfig) -> str:
     """`<output root>/<version>`: where this config writes for its input (computed, not run)."""
-    return storage.join(output_root(cfg), version(cfg))
+    return PHASE.output_dir(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,18 +577,6 @@ def _done_markers(tmp_uri: str, subdir: str) -> dict[int, dict]:
     return out
 
 
-def _discard_failed_run(out_uri: str) -> None:
-    """After a clean input error: drop the version dir we created (never a finished dataset)."""
-    if manifest_lib.has_manifest(out_uri):
-        return
-    if storage.exists(out_uri):
-        storage.delete(out_uri)
-
-
-def _log(message: str) -> None:
-    print(f"[filter] {message}", flush=True)
-
-
 def build_funnel(plan: Plan, unit_results: list[dict], bucket_results: list[dict], skipped: list[dict],
                  cfg: FilterConfig) -> dict:
     steps = filters.empty_steps(cfg.filters)
@@ -646,127 +629,119 @@ def _metrics(funnel: dict) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: FilterConfig) -> dict:
-    """Run the phase (or return the existing result); returns a summary dict."""
-    started = time.time()
-    identity = input_identity(cfg)
-    version_name = version(cfg, identity)
-    out_uri = storage.join(output_root(cfg), version_name)
-    if manifest_lib.has_manifest(out_uri):
-        _log(f"{out_uri} is complete (manifest.json present): nothing to do")
-        return {"output": out_uri, "version": version_name, "skipped": True,
-                "funnel": storage.read_json(storage.join(out_uri, FUNNEL)),
-                "manifest": manifest_lib.read(out_uri)}
+class FilterPhase(Phase):
+    name = PHASE_NAME
+    config_class = FilterConfig
+    output_subdir = OUTPUT_SUBDIR
+    description = __doc__.splitlines()[0]
+    version_exclude = VERSION_EXCLUDE
 
-    plan = preflight(cfg)
-    _log(f"{len(plan.files)} files, {sum(f.rows for f in plan.files)} rows, {len(plan.units)} filter tasks, "
-         f"{plan.num_buckets} buckets -> {out_uri}")
-    with tracking.start_run(PHASE, cfg, data_root=cfg.data_root, mlflow_cfg=cfg.mlflow,
-                            input_uri=",".join(input_uris(cfg)), run_name=cfg.mlflow.run_name or f"filter-{version_name}",
-                            tags={"wurst.output_uri": out_uri, "wurst.version": version_name}) as mlflow_run:
-        try:
-            summary = _execute(cfg, plan, out_uri, identity, mlflow_run, started)
-        except FilterInputError:
-            _discard_failed_run(out_uri)
-            raise
-    return summary
+    def input_uri(self, cfg: FilterConfig) -> str:
+        return ",".join(input_uris(cfg))
 
+    def input_identity(self, cfg: FilterConfig) -> str:
+        return input_identity(cfg)
 
-def _execute(cfg: FilterConfig, plan: Plan, out_uri: str, identity: str, mlflow_run, started: float) -> dict:
-    init_ray(cfg.ray)
-    storage.makedirs(out_uri)
-    tmp_uri = _prepare_tmp(out_uri, plan)
-    ctx = stage_context(cfg, plan, tmp_uri)
-    files_by_index = {f.index: f for f in plan.files}
+    def existing_details(self, output: str, manifest: dict) -> dict:
+        return {"funnel": storage.read_json(storage.join(output, FUNNEL))}
 
-    # Stage 1
-    t0 = time.time()
-    unit_results = _done_markers(tmp_uri, "units")
-    resumed = {"filter_tasks": len(unit_results)}
-    todo = [u for u in plan.units if u.index not in unit_results]
-    if unit_results:
-        _log(f"resuming: {len(unit_results)} of {len(plan.units)} filter tasks already done")
-    failed: dict[int, str] = {}  # file index -> error
-    if todo:
-        items = [unit_row(u, plan) for u in todo]
-        for row in _ray_map(items, functools.partial(filter_unit, ctx=ctx), cfg.read.max_tasks_in_flight):
-            if row["status"] == "ok":
-                result = json.loads(row["result"])
-                unit_results[result["unit"]] = result
-                continue
-            unit = plan.units[row["unit"]]
-            if not cfg.skip_bad_files:
-                raise FilterInputError(
-                    f"{unit.uri}: cannot read parquet data ({row['error']}); fix or remove the file, or set "
-                    f"skip_bad_files: true (--set skip_bad_files=true) to skip unreadable files and count them")
-            failed.setdefault(unit.file_index, row["error"])
-    filter_seconds = time.time() - t0
+    def prepare(self, ctx: Context) -> None:
+        plan = ctx.state["plan"] = preflight(ctx.cfg)
+        log.info("%d files, %d rows, %d filter tasks, %d buckets -> %s", len(plan.files),
+                 sum(f.rows for f in plan.files), len(plan.units), plan.num_buckets, ctx.output)
 
-    skipped = [{"file": f.uri, "error": f.error, "rows": None} for f in plan.bad_files]
-    skipped += [{"file": files_by_index[i].uri, "error": err, "rows": files_by_index[i].rows, "file_index": i}
-                for i, err in sorted(failed.items())]
-    for entry in skipped:
-        _log(f"skipped unreadable file {entry['file']}: {entry['error']}")
-    good_units = [r for r in unit_results.values() if r["file_index"] not in failed]
+    def discard(self, ctx: Context) -> None:
+        if storage.exists(ctx.output) and not manifest_lib.has_manifest(ctx.output):
+            storage.delete(ctx.output)
 
-    # Stage 2
-    t1 = time.time()
-    bucket_files: dict[int, list[str]] = {b: [] for b in range(plan.num_buckets)}
-    for result in sorted(good_units, key=lambda r: r["unit"]):
-        for bucket, files in result["buckets"].items():
-            bucket_files[int(bucket)].extend(uri for uri, _rows in files)
-    bucket_results = _done_markers(tmp_uri, "buckets_done")
-    resumed["buckets"] = len(bucket_results)
-    todo_buckets = [b for b in range(plan.num_buckets) if b not in bucket_results]
-    if todo_buckets:
-        items = [{"bucket": b, "files": json.dumps(bucket_files[b])} for b in todo_buckets]
-        fn = functools.partial(dedup_bucket, ctx=ctx, out_uri=out_uri)
-        for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight):
-            done = json.loads(row["result"])
-            bucket_results[done["bucket"]] = done
-    dedup_seconds = time.time() - t1
+    def execute(self, ctx: Context) -> Outcome:
+        cfg, plan, out_uri = ctx.cfg, ctx.state["plan"], ctx.output
+        storage.makedirs(out_uri)
+        tmp_uri = _prepare_tmp(out_uri, plan)
+        stage = stage_context(cfg, plan, tmp_uri)
+        files_by_index = {f.index: f for f in plan.files}
 
-    funnel = build_funnel(plan, good_units, list(bucket_results.values()), skipped, cfg)
-    seconds = time.time() - started
-    funnel["seconds"] = {"total": round(seconds, 3), "filter": round(filter_seconds, 3),
-                         "dedup": round(dedup_seconds, 3)}
-    storage.write_json(storage.join(out_uri, FUNNEL), funnel)
-    parts = sorted((b["part"], b["rows_out"]) for b in bucket_results.values() if b["part"])
-    run_id = None
-    if mlflow_run is not None:
-        import mlflow
+        # Stage 1
+        t0 = time.time()
+        unit_results = _done_markers(tmp_uri, "units")
+        resumed = {"filter_tasks": len(unit_results)}
+        todo = [u for u in plan.units if u.index not in unit_results]
+        if unit_results:
+            log.info("resuming: %d of %d filter tasks already done", len(unit_results), len(plan.units))
+        failed: dict[int, str] = {}  # file index -> error
+        if todo:
+            items = [unit_row(u, plan) for u in todo]
+            for row in _ray_map(items, functools.partial(filter_unit, ctx=stage), cfg.read.max_tasks_in_flight):
+                if row["status"] == "ok":
+                    result = json.loads(row["result"])
+                    unit_results[result["unit"]] = result
+                    continue
+                unit = plan.units[row["unit"]]
+                if not cfg.skip_bad_files:
+                    raise FilterInputError(
+                        f"{unit.uri}: cannot read parquet data ({row['error']}); fix or remove the file, or set "
+                        f"skip_bad_files: true (--set skip_bad_files=true) to skip unreadable files and count them")
+                failed.setdefault(unit.file_index, row["error"])
+        filter_seconds = time.time() - t0
 
+        skipped = [{"file": f.uri, "error": f.error, "rows": None} for f in plan.bad_files]
+        skipped += [{"file": files_by_index[i].uri, "error": err, "rows": files_by_index[i].rows, "file_index": i}
+                    for i, err in sorted(failed.items())]
+        for entry in skipped:
+            log.warning("skipped unreadable file %s: %s", entry["file"], entry["error"])
+        good_units = [r for r in unit_results.values() if r["file_index"] not in failed]
+
+        # Stage 2
+        t1 = time.time()
+        bucket_files: dict[int, list[str]] = {b: [] for b in range(plan.num_buckets)}
+        for result in sorted(good_units, key=lambda r: r["unit"]):
+            for bucket, files in result["buckets"].items():
+                bucket_files[int(bucket)].extend(uri for uri, _rows in files)
+        bucket_results = _done_markers(tmp_uri, "buckets_done")
+        resumed["buckets"] = len(bucket_results)
+        todo_buckets = [b for b in range(plan.num_buckets) if b not in bucket_results]
+        if todo_buckets:
+            items = [{"bucket": b, "files": json.dumps(bucket_files[b])} for b in todo_buckets]
+            fn = functools.partial(dedup_bucket, ctx=stage, out_uri=out_uri)
+            for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight):
+                done = json.loads(row["result"])
+                bucket_results[done["bucket"]] = done
+        dedup_seconds = time.time() - t1
+
+        funnel = build_funnel(plan, good_units, list(bucket_results.values()), skipped, cfg)
+        seconds = time.time() - ctx.started
+        funnel["seconds"] = {"total": round(seconds, 3), "filter": round(filter_seconds, 3),
+                             "dedup": round(dedup_seconds, 3)}
+        storage.write_json(storage.join(out_uri, FUNNEL), funnel)
+        parts = sorted((b["part"], b["rows_out"]) for b in bucket_results.values() if b["part"])
         metrics = _metrics(funnel)
         metrics.update({"seconds": seconds, "rows_per_second": funnel["rows_read"] / max(seconds, 1e-9)})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_dict(funnel, FUNNEL)
-        run_id = mlflow_run.info.run_id
-    storage.delete(tmp_uri)
-    counts = {"rows_read": funnel["rows_read"], "rows_after_filters": funnel["rows_after_filters"],
-              "duplicates_removed": funnel["duplicates_removed"], "rows_written": funnel["rows_written"],
-              "files_read": funnel["files"]["read"], "files_skipped": len(funnel["files"]["skipped"])}
-    written = manifest_lib.write(
-        out_uri, phase=PHASE, cfg=cfg, input_uri=",".join(input_uris(cfg)), input_id=identity, counts=counts,
-        mlflow_run_id=run_id,
-        extra={"columns": {f.name: str(f.type) for f in ctx.part_schema if f.name != dedup.SOURCE_POSITION},
-               "parts": [{"file": name, "rows": rows} for name, rows in parts],
-               "duplicates_dir": "duplicates" if cfg.dedup.enabled and cfg.dedup.record_duplicates else None,
-               "funnel": FUNNEL})
-    _log(f"done: {funnel['rows_read']} rows read, {funnel['rows_after_filters']} after filters, "
-         f"{funnel['duplicates_removed']} duplicates, {funnel['rows_written']} written in {seconds:.1f}s")
-    return {"output": out_uri, "version": storage.basename(out_uri), "skipped": False, "funnel": funnel,
-            "manifest": written, "resumed": resumed}
+        ctx.log_metrics(metrics)
+        ctx.log_dict(funnel, FUNNEL)
+        storage.delete(tmp_uri)
+        log.info("done: %d rows read, %d after filters, %d duplicates, %d written in %.1f s", funnel["rows_read"],
+                 funnel["rows_after_filters"], funnel["duplicates_removed"], funnel["rows_written"], seconds)
+        counts = {"rows_read": funnel["rows_read"], "rows_after_filters": funnel["rows_after_filters"],
+                  "duplicates_removed": funnel["duplicates_removed"], "rows_written": funnel["rows_written"],
+                  "files_read": funnel["files"]["read"], "files_skipped": len(funnel["files"]["skipped"])}
+        extra = {"columns": {f.name: str(f.type) for f in stage.part_schema if f.name != dedup.SOURCE_POSITION},
+                 "parts": [{"file": name, "rows": rows} for name, rows in parts],
+                 "duplicates_dir": "duplicates" if cfg.dedup.enabled and cfg.dedup.record_duplicates else None,
+                 "funnel": FUNNEL}
+        return Outcome(counts=counts, extra=extra, details={"funnel": funnel, "resumed": resumed})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = config_lib.argument_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    summary = run(config_lib.load_from_args(FilterConfig, args))
-    print(json.dumps({"output": summary["output"], "version": summary["version"], "skipped": summary["skipped"],
-                      "rows_read": summary["funnel"]["rows_read"],
-                      "rows_written": summary["funnel"]["rows_written"]}))
-    return summary
+PHASE = FilterPhase()
+
+
+def run(cfg: FilterConfig) -> PhaseResult:
+    """Run the phase (or return the existing result)."""
+    return PHASE.run(cfg)
+
+
+def main(argv: list[str] | None = None) -> PhaseResult:
+    return PHASE.main(argv)
 
 
 if __name__ == "__main__":
-    config_lib.run_cli("filter", main, (FilterInputError,))
+    module_cli(__spec__.name)

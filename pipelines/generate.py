@@ -22,21 +22,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from pipelines.config import ConfigError
+from pipelines.phase import InputError, module_cli
+
+log = logging.getLogger(__name__)
+
 STAGE_DIRS = ("stage_c", "stage_b", "stage_a")
 TEXT_DIR, TEXT_C_DIR, TEXT_B_DIR = "text", "text_c", "text_b"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class GenerateError(ValueError):
-    """Bad request (size, prompts, checkpoint layout); the message says what and where."""
+class GenerateError(ConfigError):
+    """A bad request (size, prompts, steps, counts): exit status 2; the message says what and the allowed values."""
+
+
+class CheckpointMismatchError(InputError):
+    """The checkpoints do not fit together (text width vs what a stage was built for): exit status 1."""
 
 
 @dataclass
@@ -54,7 +63,7 @@ class GenerationModels:
                  ("text_b", self.text_b, "stage_b", self.stage_b.config.clip_embd, "clip_embd"))
         for text_name, text, stage_name, expected, key in pairs:
             if text.width != expected:
-                raise GenerateError(
+                raise CheckpointMismatchError(
                     f"text encoder {self.sources.get(text_name, text_name)} has width {text.width}, but "
                     f"{self.sources.get(stage_name, stage_name)} expects {key}={expected}"
                 )
@@ -327,20 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0; a bad request raises GenerateError (exit 2 from the command line), unusable
+    checkpoints FileNotFoundError / CheckpointError / CheckpointMismatchError (exit 1)."""
     args = build_parser().parse_args(argv)
-    try:
-        result = generate_images(
-            args.prompt, checkpoints=args.checkpoints, n=args.n, height=args.height, width=args.width, seed=args.seed,
-            steps_c=args.steps_c, steps_b=args.steps_b, guidance_c=args.guidance_c, guidance_b=args.guidance_b,
-            batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-            out_dir=args.out,
-        )
-    except (GenerateError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(result.files)} images and grid.png to {args.out}")
+    result = generate_images(
+        args.prompt, checkpoints=args.checkpoints, n=args.n, height=args.height, width=args.width, seed=args.seed,
+        steps_c=args.steps_c, steps_b=args.steps_b, guidance_c=args.guidance_c, guidance_b=args.guidance_b,
+        batch_size=args.batch_size, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+        out_dir=args.out,
+    )
+    log.info("wrote %d images and grid.png to %s", len(result.files), args.out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    module_cli(__spec__.name)

@@ -45,6 +45,14 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """InputError, a missing file, and a malformed stages checkpoint (stages stays free of pipelines,
+    so its CheckpointError is not an InputError; it can only have been raised if stages.checkpoint is loaded)."""
+    errors: tuple[type[BaseException], ...] = (InputError, FileNotFoundError)
+    checkpoint = sys.modules.get("stages.checkpoint")
+    return errors + ((checkpoint.CheckpointError,) if checkpoint is not None else ())
+
+
 def run_cli(name: str, main: Callable[[list[str]], Any]) -> None:
     """The `python -m pipelines.<name>` entry: ``main(sys.argv[1:])``; an expected failure ends with one line
     ``<name>: error: ...`` on stderr instead of a traceback (exit 2 for a config error, 1 for an input
@@ -55,7 +63,7 @@ def run_cli(name: str, main: Callable[[list[str]], Any]) -> None:
     except ConfigError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (InputError, FileNotFoundError) as exc:
+    except _input_errors() as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
     if isinstance(result, int) and not isinstance(result, bool):
@@ -262,10 +270,7 @@ class Phase:
 
     # ------------------------------------------------------------------ the command line
     def argument_parser(self, prog: Optional[str] = None) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(prog=prog or f"python -m pipelines.{self.name}", description=self.description)
-        parser.add_argument("--config", help="YAML config file (local path or URI); default: the paper's settings")
-        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                            help="override one config value; repeatable")
+        parser = config_lib.argument_parser(self.description, prog=prog or f"python -m pipelines.{self.name}")
         if self.input_help:
             parser.add_argument("--input", help=self.input_help)
         if self.output_help:

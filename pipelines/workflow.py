@@ -13,7 +13,7 @@ Without `--submit`, steps run in this process on one embedded local Ray. With `-
 step is sent to the configured Ray cluster as `ray job submit --runtime-env ray_job.yaml -- python
 -m <module> ...` and the driver waits for it to succeed before the next one.
 
-Step kinds: `phase` (a pipelines module with `main(argv)` and `output_dir(cfg)`) and `generate`
+Step kinds: `phase` (a pipelines module defining `PHASE`, a `pipelines.phase.Phase`) and `generate`
 (images from the exports of the training steps, see `GenerateStep`).
 """
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
-import typing
 import urllib.request
 from typing import Any, Literal, Optional
 
@@ -34,7 +34,10 @@ from pipelines import config as config_lib
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.config import ConfigError, param
+from pipelines.phase import Phase, module_cli
 from pipelines.runtime import RayConfig, default_data_root
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,10 +120,16 @@ def _abs_config_path(path: str | None) -> str | None:
     return os.path.join(REPO_ROOT, path)
 
 
-def phase_config_class(module) -> type:
-    hints = typing.get_type_hints(module.output_dir)
-    cls = hints.get("cfg") or next(iter(v for k, v in hints.items() if k != "return"))
-    return cls
+def phase_of(step: StepConfig) -> Phase:
+    """The `Phase` a step's module defines (its `PHASE`)."""
+    try:
+        module = importlib.import_module(step.module)
+    except ImportError as exc:
+        raise ConfigError(f"step {step.name!r}: module {step.module}: {exc}") from None
+    phase = getattr(module, "PHASE", None)
+    if not isinstance(phase, Phase):
+        raise ConfigError(f"step {step.name!r}: {step.module} is not a phase module (it defines no PHASE)")
+    return phase
 
 
 def step_overrides(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -> list[str]:
@@ -144,19 +153,16 @@ class PlannedStep:
 
 
 def plan_phase(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -> PlannedStep:
-    module = importlib.import_module(step.module)
+    phase = phase_of(step)
     overrides = step_overrides(step, cfg, outputs)
     config_path = _abs_config_path(step.config)
     try:
-        phase_cfg = config_lib.load(phase_config_class(module), config_path, overrides)
+        phase_cfg = config_lib.load(phase.config_class, config_path, overrides)
     except ConfigError as exc:
         raise ConfigError(f"step {step.name!r} ({step.module}): {exc}") from None
-    out = module.output_dir(phase_cfg)
+    out = phase.output_dir(phase_cfg)
     argv = (["--config", config_path] if config_path else []) + [a for o in overrides for a in ("--set", o)]
-    # A phase may define its own completion test (train: reached max_steps); else the manifest.
-    is_complete = getattr(module, "is_complete", None)
-    done = is_complete(phase_cfg, out) if is_complete else manifest_lib.has_manifest(out)
-    return PlannedStep(step, out, done, argv)
+    return PlannedStep(step, out, phase.is_complete(phase_cfg, out), argv)
 
 
 def plan_generate(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -> PlannedStep:
@@ -214,8 +220,7 @@ def run_embedded(planned: PlannedStep) -> None:
         link_checkpoints(planned.output, planned.sources)  # type: ignore[attr-defined]
         generate.main(planned.argv)
         return
-    module = importlib.import_module(step.module)
-    module.main(planned.argv)
+    phase_of(step).main(planned.argv)
 
 
 def _job_api(address: str, path: str, data: dict | None = None) -> dict:
@@ -260,7 +265,7 @@ def run_submitted(planned: PlannedStep, cfg: WorkflowConfig) -> None:
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ray job submit for step {step.name!r} failed:\n{result.stdout}\n{result.stderr}")
-    print(f"[workflow] {step.name}: submitted job {job_id}", flush=True)
+    log.info("%s: submitted job %s", step.name, job_id)
     deadline = time.time() + cfg.submit.timeout_s
     status = "PENDING"
     while time.time() < deadline:
@@ -290,10 +295,10 @@ def run(cfg: WorkflowConfig, submit: bool = False) -> dict[str, dict[str, Any]]:
             planned = plan_generate(step, cfg, outputs) if step.kind == "generate" else plan_phase(step, cfg, outputs)
             outputs[step.name] = planned.output
             if planned.up_to_date:
-                print(f"[workflow] {step.name}: up to date ({planned.output})", flush=True)
+                log.info("%s: up to date (%s)", step.name, planned.output)
                 summary[step.name] = {"output": planned.output, "status": "skipped", "seconds": 0.0}
                 continue
-            print(f"[workflow] {step.name}: running -> {planned.output}", flush=True)
+            log.info("%s: running -> %s", step.name, planned.output)
             start = time.time()
             if submit:
                 run_submitted(planned, cfg)
@@ -306,7 +311,7 @@ def run(cfg: WorkflowConfig, submit: bool = False) -> dict[str, dict[str, Any]]:
             if step.kind == "phase" and not manifest_lib.has_manifest(planned.output):
                 raise RuntimeError(f"step {step.name!r} finished but {planned.output} has no manifest.json")
             summary[step.name] = {"output": planned.output, "status": "ran", "seconds": round(time.time() - start, 1)}
-            print(f"[workflow] {step.name}: done in {summary[step.name]['seconds']} s", flush=True)
+            log.info("%s: done in %s s", step.name, summary[step.name]["seconds"])
     finally:
         if server is not None:
             server.shutdown()
@@ -314,7 +319,7 @@ def run(cfg: WorkflowConfig, submit: bool = False) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = config_lib.argument_parser(__doc__.splitlines()[0], io=False)
+    parser = config_lib.argument_parser(__doc__.splitlines()[0], prog="python -m pipelines.workflow")
     parser.add_argument("--submit", action="store_true",
                         help="submit each step to the Ray cluster at $RAY_ADDRESS as a `ray job submit` job")
     args = parser.parse_args(argv)
@@ -325,4 +330,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    config_lib.run_cli("workflow", main)
+    module_cli(__spec__.name)

@@ -23,20 +23,20 @@ def load(tmp_path, *extra: str) -> encoders.EncodersConfig:
 
 
 def test_random_encoders_are_written_once_and_say_they_are_random(tmp_path):
-    out = encoders.run(load(tmp_path))
+    out = encoders.run(load(tmp_path)).output
     assert os.path.isdir(os.path.join(out, "text")) and os.path.isdir(os.path.join(out, "semantic"))
     info = manifest.read(out)["encoders"]
     assert info["weights"] == "random" and info["calibration"] is None
     mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
-    assert encoders.run(load(tmp_path)) == out  # up to date: nothing rewritten
+    assert encoders.run(load(tmp_path)).output == out  # up to date: nothing rewritten
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime
-    assert encoders.run(load(tmp_path, "seed=1")) != out
+    assert encoders.run(load(tmp_path, "seed=1")).output != out
 
 
 def test_calibration_gives_stage_c_targets_unit_scale_on_the_images(tmp_path):
     images = train_fixtures.write_image_shards(str(tmp_path / "images" / "v1"), size=64)
-    uncalibrated = stages.load(os.path.join(encoders.run(load(tmp_path)), "semantic"), expected_kind="semantic")
-    out = encoders.run(load(tmp_path, f"input={images}", "calibration_resolution=64", "calibration_images=32"))
+    uncalibrated = stages.load(os.path.join(encoders.run(load(tmp_path)).output, "semantic"), expected_kind="semantic")
+    out = encoders.run(load(tmp_path, f"input={images}", "calibration_resolution=64", "calibration_images=32")).output
     info = manifest.read(out)["encoders"]["calibration"]
     assert info == {"images": 32, "resolution": 64, "input": images}
     calibrated = stages.load(os.path.join(out, "semantic"), expected_kind="semantic")
@@ -52,7 +52,7 @@ def test_calibration_gives_stage_c_targets_unit_scale_on_the_images(tmp_path):
     assert per_channel.mean(1).abs().max() < 0.05
     assert ((per_channel.std(1) - 1).abs() < 0.05).all()
     # A different input is a different encoders version.
-    assert out != encoders.run(load(tmp_path))
+    assert out != encoders.run(load(tmp_path)).output
 
 
 def test_errors_name_the_key(tmp_path):

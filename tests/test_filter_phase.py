@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_filters import schema
+from pipelines import config as config_lib
 from pipelines import filter as filter_phase
 from pipelines import manifest, tracking
 from pipelines.config import ConfigError
@@ -240,8 +241,8 @@ def test_submitted_as_ray_job(ray_cluster, laion_dir, tmp_path):
 
 def test_phase_matches_reference_and_logs_mlflow(embedded_ray, laion_dir, tmp_path):
     summary = run_phase(laion_dir, str(tmp_path / "out"), tmp_path, mlflow=True)
-    out_dir = summary["output"]
-    funnel = summary["funnel"]
+    out_dir = summary.output
+    funnel = summary.details["funnel"]
     expected_removed, expected_uids = reference(all_input_rows(laion_dir))
 
     assert funnel["rows_read"] == 550
@@ -282,28 +283,28 @@ def test_phase_matches_reference_and_logs_mlflow(embedded_ray, laion_dir, tmp_pa
 def test_rerun_is_noop_changed_threshold_is_new_version_task_split_irrelevant(embedded_ray, laion_dir, tmp_path):
     out = str(tmp_path / "out")
     first = run_phase(laion_dir, out, tmp_path)
-    part_files = sorted(os.listdir(first["output"]))
-    mtimes = {f: os.stat(os.path.join(first["output"], f)).st_mtime_ns for f in part_files}
+    part_files = sorted(os.listdir(first.output))
+    mtimes = {f: os.stat(os.path.join(first.output, f)).st_mtime_ns for f in part_files}
 
     again = run_phase(laion_dir, out, tmp_path)
-    assert again["skipped"] and again["output"] == first["output"]
-    assert {f: os.stat(os.path.join(first["output"], f)).st_mtime_ns for f in part_files} == mtimes
+    assert again.skipped and again.output == first.output
+    assert {f: os.stat(os.path.join(first.output, f)).st_mtime_ns for f in part_files} == mtimes
 
     # Parallelism knobs are not part of the version: same dir, so a new root to compare content.
     resplit = run_phase(laion_dir, str(tmp_path / "resplit"), tmp_path, "read.rows_per_task=1000",
                         "read.batch_rows=7")
-    assert resplit["version"] == first["version"]
-    assert read_output(resplit["output"]).equals(read_output(first["output"]))
+    assert resplit.version == first.version
+    assert read_output(resplit.output).equals(read_output(first.output))
 
     stricter = run_phase(laion_dir, out, tmp_path, "filters.aesthetic.min=6.0")
-    assert stricter["version"] != first["version"] and not stricter["skipped"]
-    assert sorted(os.listdir(out)) == sorted([first["version"], stricter["version"]])
-    assert manifest.has_manifest(first["output"])  # the old version is untouched
+    assert stricter.version != first.version and not stricter.skipped
+    assert sorted(os.listdir(out)) == sorted([first.version, stricter.version])
+    assert manifest.has_manifest(first.output)  # the old version is untouched
     expected_removed, expected_uids = reference(all_input_rows(laion_dir), aesthetic_min=6.0)
-    assert set(read_output(stricter["output"]).column("uid").to_pylist()) == expected_uids
-    assert filter_phase.output_dir(filter_phase.config_lib.load(
+    assert set(read_output(stricter.output).column("uid").to_pylist()) == expected_uids
+    assert filter_phase.output_dir(config_lib.load(
         filter_phase.FilterConfig, None, [f"input={laion_dir}", f"output={out}", "dedup.num_buckets=3",
-                                          "filters.aesthetic.min=6.0"])) == stricter["output"]
+                                          "filters.aesthetic.min=6.0"])) == stricter.output
 
 
 def test_missing_column_names_column_file_and_disabling_key(embedded_ray, tmp_path):
@@ -319,8 +320,8 @@ def test_missing_column_names_column_file_and_disabling_key(embedded_ray, tmp_pa
     assert not os.path.exists(tmp_path / "out")  # nothing started, nothing left behind
 
     summary = run_phase(str(tmp_path / "in"), str(tmp_path / "out"), tmp_path, "filters.watermark.enabled=false")
-    assert summary["funnel"]["rows_read"] == 120
-    assert "watermark" not in [s["filter"] for s in summary["funnel"]["filters"]]
+    assert summary.details["funnel"]["rows_read"] == 120
+    assert "watermark" not in [s["filter"] for s in summary.details["funnel"]["filters"]]
 
 
 def corrupt_second_row_group(path: str) -> None:
@@ -355,7 +356,7 @@ def test_corrupt_files_stop_the_job_or_are_skipped_and_counted(embedded_ray, tmp
         f.write(b"not parquet at all")
     summary = run_phase(str(tmp_path / "in"), str(tmp_path / "out"), tmp_path, "skip_bad_files=true",
                         "read.rows_per_task=50")
-    funnel = summary["funnel"]
+    funnel = summary.details["funnel"]
     skipped = {os.path.basename(s["file"]): s for s in funnel["files"]["skipped"]}
     assert set(skipped) == {"garbage.parquet", "pages.parquet"}
     assert skipped["pages.parquet"]["rows"] == 100  # its first row group was read, then discarded
@@ -363,14 +364,14 @@ def test_corrupt_files_stop_the_job_or_are_skipped_and_counted(embedded_ray, tmp
     assert funnel["rows_read"] == 100 and funnel["files"]["read"] == 1
     assert funnel_adds_up(funnel)
     _, expected_uids = reference(read_back(str(good)))
-    assert set(read_output(summary["output"]).column("uid").to_pylist()) == expected_uids
+    assert set(read_output(summary.output).column("uid").to_pylist()) == expected_uids
 
 
 def test_interrupted_run_resumes_from_its_markers(embedded_ray, laion_dir, tmp_path):
     """A run killed after some filter tasks finished redoes only the others, with the same result."""
     args = [f"input={laion_dir}", f"output={tmp_path / 'out'}", f"data_root={tmp_path}", "dedup.num_buckets=3",
             "read.rows_per_task=100", "mlflow.enabled=false"]
-    cfg = filter_phase.config_lib.load(filter_phase.FilterConfig, None, args)
+    cfg = config_lib.load(filter_phase.FilterConfig, None, args)
     plan = filter_phase.preflight(cfg)
     out_dir = filter_phase.output_dir(cfg)
     tmp_uri = filter_phase._prepare_tmp(out_dir, plan)  # what the killed run had set up...
@@ -379,24 +380,24 @@ def test_interrupted_run_resumes_from_its_markers(embedded_ray, laion_dir, tmp_p
         assert filter_phase.filter_unit(filter_phase.unit_row(unit, plan), ctx)["status"] == "ok"
 
     resumed = filter_phase.run(cfg)
-    assert resumed["resumed"] == {"filter_tasks": 2, "buckets": 0}
+    assert resumed.details["resumed"] == {"filter_tasks": 2, "buckets": 0}
     fresh = run_phase(laion_dir, str(tmp_path / "fresh"), tmp_path)
-    assert resumed["funnel"]["filters"] == fresh["funnel"]["filters"]
-    assert read_output(resumed["output"]).equals(read_output(fresh["output"]))
+    assert resumed.details["funnel"]["filters"] == fresh.details["funnel"]["filters"]
+    assert read_output(resumed.output).equals(read_output(fresh.output))
 
 
 def test_dedup_off_keeps_every_survivor_and_extra_columns_are_carried(embedded_ray, laion_dir, tmp_path):
     summary = run_phase(laion_dir, str(tmp_path / "out"), tmp_path, "dedup.enabled=false",
                         "schema.extra_columns=[__index_level_0__]")
-    funnel = summary["funnel"]
+    funnel = summary.details["funnel"]
     assert funnel["duplicates_removed"] == 0 and funnel_adds_up(funnel)
     assert funnel["rows_written"] == funnel["rows_after_filters"]
-    table = read_output(summary["output"])
+    table = read_output(summary.output)
     assert table.num_rows == funnel["rows_written"]
     assert table.schema.names[-1] == "__index_level_0__"  # only the V2 file has it: nulls elsewhere
     index = table.column("__index_level_0__")
     assert 0 < index.null_count < table.num_rows
-    assert not os.path.exists(os.path.join(summary["output"], "duplicates"))
+    assert not os.path.exists(os.path.join(summary.output, "duplicates"))
 
 
 def test_config_errors_name_the_key(tmp_path):

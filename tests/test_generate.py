@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 
 import stages
 from pipelines.generate import (
+    CheckpointMismatchError,
     GenerateError,
     GenerationModels,
     allowed_sides,
@@ -21,6 +25,8 @@ from pipelines.generate import (
     write_random_checkpoints,
 )
 from stages.text import TextEncoder, TextEncoderConfig
+
+from conftest import REPO_ROOT
 
 FAST = ["--steps-c", "3", "--steps-b", "2"]
 
@@ -70,25 +76,33 @@ def test_paper_default_steps_with_loaded_models(checkpoints):
     assert array.std() > 0  # a real decode, not a blank image
 
 
-def test_size_errors_name_the_allowed_sizes(checkpoints, tmp_path, capsys):
-    code = main(["--checkpoints", str(checkpoints), "--prompt", "x", "--height", "100", "--width", "128",
-                 "--out", str(tmp_path / "o"), *FAST])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "height 100 is not allowed (nearest allowed: 128)" in err
+def test_size_errors_name_the_allowed_sizes(checkpoints, tmp_path):
+    with pytest.raises(GenerateError, match=r"height 100 is not allowed \(nearest allowed: 128\)"):
+        main(["--checkpoints", str(checkpoints), "--prompt", "x", "--height", "100", "--width", "128",
+              "--out", str(tmp_path / "o"), *FAST])
     assert not (tmp_path / "o").exists()
     with pytest.raises(GenerateError, match="width 1000 is not allowed \\(nearest allowed: 896 or 1024\\)"):
         generate_images(["x"], checkpoints=checkpoints, height=1024, width=1000)
     assert allowed_sides(16, 4)[:4] == [128, 256, 384, 512]  # the paper models: multiples of 128 px
 
 
-def test_missing_stage_directory_is_named(checkpoints, tmp_path, capsys):
+def test_command_line_exit_codes_bad_request_2_missing_checkpoint_1(checkpoints, tmp_path):
+    """As `python -m pipelines.generate` runs: a bad size is a usage error (2), a missing stage directory an
+    input error (1); each one line naming the problem, no traceback."""
     partial = tmp_path / "partial"
     shutil.copytree(checkpoints, partial)
     shutil.rmtree(partial / "stage_b")
-    assert main(["--checkpoints", str(partial), "--prompt", "x", "--height", "128", "--width", "128",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert f"missing checkpoint directory: {partial / 'stage_b'}" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    common = ["--prompt", "x", "--width", "128", "--out", str(tmp_path / "o"), *FAST]
+    runs = {code: subprocess.run([sys.executable, "-m", "pipelines.generate", "--checkpoints", str(root),
+                                  "--height", height, *common], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+            for code, root, height in ((2, checkpoints, "100"), (1, partial, "128"))}
+    assert runs[2].returncode == 2, runs[2].stderr
+    assert "generate: error: image size 100x128: height 100 is not allowed (nearest allowed: 128)" in runs[2].stderr
+    assert runs[1].returncode == 1, runs[1].stderr
+    assert f"generate: error: missing checkpoint directory: {partial / 'stage_b'}" in runs[1].stderr
+    assert "Traceback" not in runs[1].stderr + runs[2].stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_wrong_kind_and_text_width_mismatch(checkpoints, tmp_path):
@@ -104,7 +118,7 @@ def test_wrong_kind_and_text_width_mismatch(checkpoints, tmp_path):
     config = dict(TextEncoderConfig.tiny().model_cfg)
     config["text_cfg"] = {**config["text_cfg"], "width": 64, "heads": 2}
     stages.save(TextEncoder(TextEncoderConfig(model_name="wurst-test-wide-clip", model_cfg=config)), wide / "text_c")
-    with pytest.raises(GenerateError, match="has width 64, but .*stage_c expects c_cond=32"):
+    with pytest.raises(CheckpointMismatchError, match="has width 64, but .*stage_c expects c_cond=32"):
         generate_images(["x"], checkpoints=wide, height=128, width=128)
 
 
