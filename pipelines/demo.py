@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 from pipelines import config as config_lib
 from pipelines import demo_data, storage, workflow
+from pipelines.phase import module_cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    module_cli(__spec__.name)

@@ -53,13 +53,13 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return errors + ((checkpoint.CheckpointError,) if checkpoint is not None else ())
 
 
-def run_cli(name: str, main: Callable[[list[str]], Any]) -> None:
+def run_cli(name: str, main: Callable[[list[str]], Any], argv: Optional[list[str]] = None) -> None:
     """The `python -m pipelines.<name>` entry: ``main(sys.argv[1:])``; an expected failure ends with one line
     ``<name>: error: ...`` on stderr instead of a traceback (exit 2 for a config error, 1 for an input
     error). ``main`` itself raises, so Python callers (tests, the workflow) see the exception."""
     setup_logging()
     try:
-        result = main(sys.argv[1:])
+        result = main(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -280,12 +280,16 @@ class Phase:
     def load_config(self, argv: Optional[list[str]] = None, prog: Optional[str] = None):
         return config_lib.load_from_args(self.config_class, self.argument_parser(prog).parse_args(argv))
 
+    def summary(self, result: PhaseResult) -> dict:
+        """The JSON object the command prints: `PhaseResult.summary()`, plus what a phase adds."""
+        return result.summary()
+
     def main(self, argv: Optional[list[str]] = None) -> PhaseResult:
         """Parse the command line, run, print the result as one JSON object."""
         import json
 
         result = self.run(self.load_config(argv))
-        print(json.dumps(result.summary(), indent=2, default=str), flush=True)
+        print(json.dumps(self.summary(result), indent=2, default=str), flush=True)
         return result
 
     def cli(self) -> None:

@@ -123,3 +123,26 @@ def demo_workflow_run(ray_cluster, tmp_path_factory):
     from demo_workflow import submit_small_demo
 
     return submit_small_demo(ray_cluster, tmp_path_factory.mktemp("workflow"))
+
+
+@pytest.fixture(scope="module")
+def embedded_ray():
+    """One private local Ray (2 CPUs) for a module's in-process phase runs (a phase's init_ray then reuses
+    it); yields its GCS address, so a phase started in a subprocess can join it (`ray.address=...`)
+    instead of starting a second local Ray, which would collide on the dashboard agent's fixed port.
+    Shut down, and the RAY_* variables ray.init exports removed, only if this fixture started it."""
+    import ray
+
+    from pipelines.runtime import RayConfig, init_ray
+
+    saved_env = dict(os.environ)
+    started = not ray.is_initialized()
+    # On a loaded 2-core box the raylet and its agents can take longer than Ray's defaults.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    init_ray(RayConfig(num_cpus=2))  # address="local": never joins another test's `ray start` cluster
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+        os.environ.clear()  # later `ray start` / `cluster up` calls must not inherit this Ray's variables
+        os.environ.update(saved_env)

@@ -17,6 +17,7 @@ import pytest
 from data_filters import schema
 from pipelines import config as config_lib
 from pipelines import filter as filter_phase
+from pipelines import filter_tasks
 from pipelines import manifest, tracking
 from pipelines.config import ConfigError
 
@@ -159,30 +160,6 @@ def reference(rows: list[dict], aesthetic_min: float = 5.0) -> tuple[dict, set[s
 
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def embedded_ray():
-    """One private local Ray for the module's phase runs (the phase's init_ray then reuses it)."""
-    import ray
-
-    saved_env = dict(os.environ)
-    started = not ray.is_initialized()
-    # On a loaded 2-core box the raylet and its agents can take longer than Ray's defaults.
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
-    # address="local": a bare ray.init() would join the newest `ray start` cluster on the machine
-    # (Ray reads /tmp/ray/ray_current_cluster), e.g. another test's cluster.
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    except Exception:  # noqa: BLE001 - a node that timed out starting; one more try, then fail
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-    os.environ.clear()  # ray.init exports RAY_* variables that later `ray start` calls would inherit
-    os.environ.update(saved_env)
 
 
 @pytest.fixture(scope="module")
@@ -372,12 +349,12 @@ def test_interrupted_run_resumes_from_its_markers(embedded_ray, laion_dir, tmp_p
     args = [f"input={laion_dir}", f"output={tmp_path / 'out'}", f"data_root={tmp_path}", "dedup.num_buckets=3",
             "read.rows_per_task=100", "mlflow.enabled=false"]
     cfg = config_lib.load(filter_phase.FilterConfig, None, args)
-    plan = filter_phase.preflight(cfg)
+    plan = filter_tasks.preflight(cfg)
     out_dir = filter_phase.output_dir(cfg)
     tmp_uri = filter_phase._prepare_tmp(out_dir, plan)  # what the killed run had set up...
-    ctx = filter_phase.stage_context(cfg, plan, tmp_uri)
+    ctx = filter_tasks.stage_context(cfg, plan, tmp_uri)
     for unit in plan.units[:2]:  # ...and the two filter tasks it finished
-        assert filter_phase.filter_unit(filter_phase.unit_row(unit, plan), ctx)["status"] == "ok"
+        assert filter_tasks.filter_unit(filter_tasks.unit_row(unit, plan), ctx)["status"] == "ok"
 
     resumed = filter_phase.run(cfg)
     assert resumed.details["resumed"] == {"filter_tasks": 2, "buckets": 0}
