@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -29,6 +30,8 @@ from typing import Optional
 
 DEFAULT_STATE_DIR = os.path.expanduser(os.environ.get("WURST_CLUSTER_DIR", "~/.cache/wurst/cluster"))
 LOOPBACK = "127.0.0.1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -170,7 +173,7 @@ def up(*, attempts: int = 3, **kwargs) -> ClusterState:
         except RuntimeError as exc:
             if "exited during start-up" not in str(exc) or attempt == attempts:
                 raise
-            print(f"cluster start-up failed ({exc}); retrying ({attempt}/{attempts})", file=sys.stderr)
+            log.warning("cluster start-up failed (%s); retrying (%d/%d)", exc, attempt, attempts)
     raise AssertionError("unreachable")
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 
 from pipelines import config as config_lib
 from pipelines import demo_data, storage, workflow
 from pipelines.phase import module_cli
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     demo_root = os.path.join(data_root, "demo")
     n = args.images or int(os.environ.get("WURST_DEMO_IMAGES", "2000"))
     info = demo_data.generate(demo_root, n=n)
-    print(f"[demo] dataset: {info['rows']} metadata rows, {n} images, served from {info['base_url']}")
+    log.info("dataset: %d metadata rows, %d images, served from %s", info["rows"], n, info["base_url"])
 
     overrides = [f"data_root={json.dumps(data_root)}", f"serve_demo={json.dumps(demo_root)}", *args.overrides]
     cfg = config_lib.load(workflow.WorkflowConfig, args.config, overrides)
