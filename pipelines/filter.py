@@ -10,23 +10,8 @@ removed, rows written; the counts add up and are checked) and `manifest.json`, w
 `<version>` hashes the output-affecting config and the input listing: rerunning the same config
 on the same input is a no-op, a changed threshold writes a new version next to the old one.
 
-How it scales (nothing is ever materialised on the driver):
-1. Pre-flight: the driver reads only the parquet footers (threads; small) to find the schema
-   variant of each file, catch corrupt files and missing columns before any work starts, and cut
-   the input into tasks of whole row groups.
-2. Filter: a Ray Data map over those tasks. Each task streams its row groups in batches,
-   normalises and filters them, and appends the survivors to hash buckets
-   (BLAKE2b(normalised URL) % num_buckets) that it writes as Arrow IPC files under
-   `<version>/_work.tmp/buckets/`. Only per-task counts come back to the driver.
-   Files are read with pyarrow inside the tasks rather than `ray.data.read_parquet`: LAION
-   variants differ in schema (int32 vs float64 sizes, `aesthetic` vs `AESTHETIC_SCORE`), which a
-   single Ray Data read cannot unify, and the per-file errors must name the file.
-3. De-dup: a Ray Data map over buckets. All copies of a URL share a bucket, so each task loads
-   one bucket, keeps the best row per normalised URL and writes `part-<bucket>.parquet` (and
-   `duplicates/dup-<bucket>.parquet`: which uid was dropped in favour of which). Memory per task is
-   one bucket, whatever the size of the input.
-Both stages leave a marker per finished task in `_work.tmp`, so a killed run resumes where it
-stopped; the temp dir is deleted before the manifest is written.
+Three streaming stages, nothing materialised on the driver: a footer-only pre-flight, filter tasks that
+scatter survivors into URL-hash buckets, one de-dup task per bucket (README, "How the filter scales").
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -286,11 +287,6 @@ class Phase:
 
     def main(self, argv: Optional[list[str]] = None) -> PhaseResult:
         """Parse the command line, run, print the result as one JSON object."""
-        import json
-
         result = self.run(self.load_config(argv))
         print(json.dumps(self.summary(result), indent=2, default=str), flush=True)
         return result
-
-    def cli(self) -> None:
-        run_cli(self.name, self.main)
