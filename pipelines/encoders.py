@@ -26,7 +26,7 @@ from typing import Literal, Optional
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
-from pipelines.phase import Context, Outcome, Phase, PhaseResult, module_cli
+from pipelines.phase import Context, Outcome, Phase, module_cli
 from pipelines.runtime import default_data_root
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,6 @@ def source_identity(cfg: EncodersConfig) -> str:
         return f"random:{cfg.seed}{calibration}"
     return "files:" + ",".join(_file_sha256(p) for p in (cfg.text_weights, cfg.semantic_weights))
 
-
-def output_dir(cfg: EncodersConfig) -> str:
-    return PHASE.output_dir(cfg)
 
 
 def build(cfg: EncodersConfig, out: str) -> dict:
@@ -185,14 +182,8 @@ class EncodersPhase(Phase):
 
 
 PHASE = EncodersPhase()
-
-
-def run(cfg: EncodersConfig) -> PhaseResult:
-    return PHASE.run(cfg)
-
-
-def main(argv: list[str] | None = None) -> PhaseResult:
-    return PHASE.main(argv)
+# The module-level entry points callers use: run(cfg) -> PhaseResult, main(argv), output_dir(cfg).
+run, main, output_dir = PHASE.run, PHASE.main, PHASE.output_dir
 
 
 if __name__ == "__main__":

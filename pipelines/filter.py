@@ -30,7 +30,7 @@ from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
 from pipelines.filter_tasks import (FilterInputError, Plan, dedup_bucket, filter_unit, input_uris, preflight,
                                     stage_context, unit_row)
-from pipelines.phase import Context, Outcome, Phase, PhaseResult, module_cli
+from pipelines.phase import Context, Outcome, Phase, module_cli
 from pipelines.runtime import RayConfig, default_data_root
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,6 @@ def input_identity(cfg: FilterConfig) -> str:
         return identities[0]
     return "inputs:" + hashlib.sha256(json.dumps(identities).encode()).hexdigest()
 
-
-def output_dir(cfg: FilterConfig) -> str:
-    """`<output root>/<version>`: where this config writes for its input (computed, not run)."""
-    return PHASE.output_dir(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,15 +325,8 @@ class FilterPhase(Phase):
 
 
 PHASE = FilterPhase()
-
-
-def run(cfg: FilterConfig) -> PhaseResult:
-    """Run the phase (or return the existing result)."""
-    return PHASE.run(cfg)
-
-
-def main(argv: list[str] | None = None) -> PhaseResult:
-    return PHASE.main(argv)
+# The module-level entry points callers use: run(cfg) -> PhaseResult, main(argv), output_dir(cfg).
+run, main, output_dir = PHASE.run, PHASE.main, PHASE.output_dir
 
 
 if __name__ == "__main__":
