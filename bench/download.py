@@ -122,7 +122,7 @@ def run_ours(args, input_dir: str, out: str) -> tuple[float, int]:
         "allowed_networks": ["127.0.0.1/32"], "ray": {"num_cpus": args.processes},
         "mlflow": {"enabled": False}})
     start = time.perf_counter()
-    report = download.run(cfg)
+    report = download.run(cfg).details
     wall = time.perf_counter() - start
     version_dir = report["output"]
     stats = [json.load(open(os.path.join(version_dir, f))) for f in os.listdir(version_dir) if f.endswith("_stats.json")]

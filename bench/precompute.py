@@ -62,7 +62,7 @@ def tiny_phase(work: str, shards: int, per_shard: int) -> list[tuple[str, float,
 
     import stages
     from pipelines import config as config_lib
-    from pipelines import precompute
+    from pipelines import precompute, precompute_cpu, precompute_encoders
     from pipelines.runtime import init_ray
     from stages.semantic import SemanticCompressor, SemanticCompressorConfig
     from stages.stage_a import StageA, StageAConfig
@@ -87,13 +87,13 @@ def tiny_phase(work: str, shards: int, per_shard: int) -> list[tuple[str, float,
 
     # Bare encoders on the same samples: decode + encode in this process, one thread, no Ray.
     cfg = config(images)
-    spec = precompute.encoder_spec(cfg, use_gpu=False)
-    encoders = precompute.Encoders(spec, threads=1)
+    spec = precompute_encoders.encoder_spec(cfg, use_gpu=False)
+    encoders = precompute_encoders.Encoders(spec, threads=1)
     r = spec["decode_resolution"]
     start = time.perf_counter()
     for tar in sorted(f for f in os.listdir(images) if f.endswith(".tar")):
         item = {"shard": np.array(["s"]), "tar": np.array([os.path.join(images, tar)])}
-        for batch in precompute.decode_shard(item, chunk_size=32, size=r, max_image_pixels=cfg.max_image_pixels):
+        for batch in precompute_cpu.decode_shard(item, chunk_size=32, size=r, max_image_pixels=cfg.max_image_pixels):
             meta = json.loads(batch["meta"][0])
             pixels = np.frombuffer(batch["pixels"][0], dtype=np.uint8).reshape(len(meta["uids"]), r, r, 3).copy()
             encoders.encode(meta["captions"], pixels)
@@ -102,7 +102,7 @@ def tiny_phase(work: str, shards: int, per_shard: int) -> list[tuple[str, float,
     ray = init_ray(cfg.ray)  # Ray's own start-up is not part of the timings
     cores = int(ray.cluster_resources().get("CPU", 1))
     start = time.perf_counter()
-    last_run = precompute.run(cfg)["last_run"]
+    last_run = precompute.run(cfg).manifest["last_run"]
     total = time.perf_counter() - start
     ray.shutdown()
     steady = last_run["steady_samples_per_s"]

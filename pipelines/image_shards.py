@@ -1,4 +1,13 @@
-"""Reader of a `download` output (img2dataset webdataset shards) for Stage A training.
+"""The image-shard format (a `download` output: img2dataset webdataset shards), and its reader.
+
+One module for what a download output looks like, used by the phase that writes it and by those that
+read it: the shard files (``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``, the stats last),
+tar members grouped into samples by key, the image extensions, per-shard counts. No torch at import:
+precompute's CPU tasks read tars through this module (`ImageShardDataset` is made on first use, see
+`pipelines.lazy_dataset`).
+
+Reader, for Stage A training
+----------------------------
 
 ``ImageShardDataset(uri, rank, world_size, seed, start_offset, batch_size, image_size, crop_size)`` is a
 ``torch.utils.data.IterableDataset`` yielding batches ``{"images": (B, 3, crop, crop) float in [0, 1],
@@ -25,20 +34,42 @@ from __future__ import annotations
 
 import collections
 import io
+import posixpath
 import tarfile
 from typing import Any, Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines import storage
+from pipelines import lazy_dataset, storage
+from pipelines.phase import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Image members of a sample, by extension (lower case), in the order a sample's image is looked for.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = tuple("." + ext for ext in IMAGE_EXTENSIONS)
 
 
-class ImageShardError(ValueError):
+class ImageShardError(InputError):
     """The image shards are not what the reader expects; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Shard files
+
+
+def shard_name_digits(num_shards: int) -> int:
+    """Digits of the zero-padded shard names (``00007``): at least 5, as img2dataset writes them."""
+    return max(5, len(str(max(num_shards - 1, 0))))
+
+
+def shard_files(root: str, name: str) -> dict[str, str]:
+    """The files of shard `name` (e.g. ``00007``) of a download output: the webdataset tar,
+    img2dataset's per-row results (parquet) and its stats (written last: the shard is complete)."""
+    return sibling_files(storage.join(root, f"{name}.tar"))
+
+
+def sibling_files(tar_uri: str) -> dict[str, str]:
+    stem = tar_uri[: -len(".tar")]
+    return {"tar": tar_uri, "parquet": stem + ".parquet", "stats": stem + "_stats.json"}
 
 
 def list_shards(uri: str) -> list[str]:
@@ -48,25 +79,30 @@ def list_shards(uri: str) -> list[str]:
     return sorted(shards)
 
 
-def _scan_tar(path: str) -> list[tuple[str, int, int]]:
-    """(member name, data offset, size) of the image members of a tar, in tar order."""
+def _scan_tar(path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of the image members of a tar, in tar order (headers only)."""
     out = []
     with storage.open_input(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         for member in tar:
-            if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+            if member.isfile() and member.name.lower().endswith(suffixes):
                 out.append((member.name, member.offset_data, member.size))
     return out
 
 
+def count_tar_samples(tar_uri: str, image_ext: str) -> int:
+    """Samples (members named <key>.<image_ext>) in a tar; reads headers only, raises if unreadable."""
+    return len(_scan_tar(tar_uri, ("." + image_ext.lower(),)))
+
+
 def shard_count(tar_path: str) -> int:
     """Number of images in a shard, from img2dataset's side files when present."""
-    stem = tar_path[: -len(".tar")]
-    stats = stem + "_stats.json"
+    files = sibling_files(tar_path)
+    stats = files["stats"]
     if storage.exists(stats):
         data = storage.read_json(stats)
         if isinstance(data.get("successes"), int):
             return int(data["successes"])
-    table_path = stem + ".parquet"
+    table_path = files["parquet"]
     if storage.exists(table_path):
         import pyarrow.parquet as pq
 
@@ -78,6 +114,39 @@ def shard_count(tar_path: str) -> int:
 
 def count_images(uri: str) -> int:
     return sum(shard_count(s) for s in list_shards(uri))
+
+
+def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a webdataset tar, in tar order, reading it once as a
+    stream. Members of a sample are consecutive and share the key (path up to the first dot of the
+    file name); extensions are lower-cased."""
+    count = 0
+    key, parts = None, {}
+    try:
+        with storage.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, name = posixpath.split(member.name)
+                if "." not in name:
+                    continue
+                stem, ext = name.split(".", 1)
+                member_key = posixpath.join(directory, stem)
+                if member_key != key and key is not None:
+                    yield key, parts
+                    count += 1
+                    parts = {}
+                key = member_key
+                handle = tar.extractfile(member)
+                parts[ext.lower()] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ImageShardError(f"{uri}: unreadable tar after {count} samples ({exc})") from exc
+    if key is not None:
+        yield key, parts
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading, for Stage A training
 
 
 def decode_and_crop(data: bytes, image_size: int, crop_size: int, rng: np.random.Generator, source: str) -> np.ndarray:
@@ -99,7 +168,15 @@ def decode_and_crop(data: bytes, image_size: int, crop_size: int, rng: np.random
     return np.ascontiguousarray(pixels[top:top + crop_size, left:left + crop_size].transpose(2, 0, 1))
 
 
-class ImageShardDataset(IterableDataset):
+def __getattr__(name: str):
+    if name == "ImageShardDataset":
+        return lazy_dataset.iterable_dataset(globals(), name, ImageShardReader)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class ImageShardReader:
+    """The methods of `ImageShardDataset` (a torch IterableDataset subclass of this class); see the module."""
+
     def __init__(self, uri: str, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_offset: int = 0,
                  batch_size: int = 1, image_size: int = 256, crop_size: int = 128, shuffle_window: int = 1024,
                  open_index: int = 64):
@@ -177,6 +254,9 @@ class ImageShardDataset(IterableDataset):
         return decode_and_crop(data, self.image_size, self.crop_size, rng, source), name.rsplit(".", 1)[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import torch
+        from torch.utils.data import get_worker_info
+
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         batch = 0

@@ -1,4 +1,18 @@
-"""Reader of a `precompute` output (``latents/<version>/``): what the training phase iterates.
+"""The latent-shard format (``latents/<version>/``): written by `precompute`, read by training.
+
+One module for both sides, so the writer and the reader cannot drift apart: the shard schema and
+parquet options, the shard writer (exact row groups, temp name + rename), the per-shard stats in each
+file's footer, the empty caption's embedding file, and the reader. No torch at import: the phase's CPU
+tasks import this module (`LatentDataset` is made on first use, see `pipelines.lazy_dataset`).
+
+Format: ``shard-NNNNN.parquet`` files with string columns ``key``, ``uid``, ``caption`` (zstd,
+dictionary) and float16 tensor columns stored as flat fixed-size lists (PLAIN, uncompressed, the
+shape in the field metadata under ``shape``); the writer's per-shard stats as JSON in the footer
+under ``wurst.precompute.stats``; ``empty_text_emb.npy``; ``manifest.json`` (``shards`` with row
+counts, ``row_group_size``, ``columns`` with shape and dtype).
+
+Reader
+------
 
 ``LatentDataset(uri, columns, rank, world_size, seed, ...)`` is a ``torch.utils.data.IterableDataset``
 that yields dicts: tensor columns as float16 ``torch.Tensor`` shaped as the manifest says
@@ -45,24 +59,168 @@ with K workers a block may be read up to K times (cheap: tensor columns are unco
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterator, Sequence
+import io
+import json
+import os
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines import lazy_dataset
 from pipelines import manifest as manifest_lib
 from pipelines import storage
-# The shard format lives with its writer; re-exported here for readers and tests.
-from pipelines.precompute import STRING_COLUMNS, parquet_writer_options, shard_schema, tensor_column  # noqa: F401
+from pipelines.phase import InputError
+
+STRING_COLUMNS = ("uid", "caption", "key")
+EMPTY_TEXT_FILE = "empty_text_emb.npy"
+STATS_KEY = b"wurst.precompute.stats"
+SHAPE_KEY = b"shape"
 
 
-class LatentDatasetError(ValueError):
+class LatentDatasetError(InputError):
     """The latent dataset, its manifest or a requested column is not what the reader expects."""
 
 
-class LatentDataset(IterableDataset):
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def shard_schema(tensor_shapes: dict[str, Any]):
+    """key, uid, caption (strings) + one flat fixed-size list of float16 per tensor column."""
+    fields = [pa.field(name, pa.string(), nullable=False) for name in STRING_COLUMNS]
+    for name, shape in tensor_shapes.items():
+        fields.append(pa.field(name, pa.list_(pa.float16(), int(np.prod(shape))), nullable=False))
+    return pa.schema(fields)
+
+
+def tensor_schema(shapes: dict[str, list[int]]):
+    """`shard_schema` with each tensor column's shape in its field metadata (what the writer stores)."""
+    fields = []
+    for field in shard_schema(shapes):
+        if field.name in shapes:
+            field = field.with_metadata({SHAPE_KEY: json.dumps(shapes[field.name]).encode()})
+        fields.append(field)
+    return pa.schema(fields)
+
+
+def tensor_column(values: np.ndarray):
+    """(n, *shape) array -> flat fixed-size list float16 array of n rows (zero-copy for float16)."""
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    width = int(np.prod(values.shape[1:]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def shard_table(keys: list[str], uids: list[str], captions: list[str], tensors: dict[str, bytes],
+                shapes: dict[str, list[int]]) -> pa.Table:
+    """One table in the shard schema: the strings, and each tensor column from its raw float16 bytes."""
+    n = len(uids)
+    columns: dict[str, Any] = {"key": pa.array(keys, pa.string()), "uid": pa.array(uids, pa.string()),
+                               "caption": pa.array(captions, pa.string())}
+    for name, shape in shapes.items():
+        raw = tensors.get(name, b"") if n else b""
+        columns[name] = tensor_column(np.frombuffer(raw, dtype=np.float16).reshape((n, *shape)))
+    return pa.table(columns, schema=tensor_schema(shapes))
+
+
+def parquet_writer_options(schema) -> dict[str, Any]:
+    """Options for `pq.ParquetWriter`: strings zstd + dictionary; tensor columns uncompressed PLAIN
+    without statistics. Dictionary-encoded float16 lists read ~15x slower, and fp16 latents do not
+    compress, so PLAIN keeps the reader near memory speed (bench/precompute.py measures it)."""
+    strings = [f.name for f in schema if pa.types.is_string(f.type)]
+    tensors = [f.name for f in schema if not pa.types.is_string(f.type)]
+    return {
+        "compression": {**{n: "zstd" for n in strings}, **{n: "none" for n in tensors}},
+        "use_dictionary": strings,
+        "column_encoding": {n: "PLAIN" for n in tensors},
+        "write_statistics": strings,
+    }
+
+
+def write_shard(uri: str, tables: Iterable[pa.Table], shapes: dict[str, list[int]], row_group_size: int,
+                stats: dict | None = None) -> int:
+    """Stream tables into one shard file with row groups of exactly `row_group_size` rows (the last
+    may be shorter), `stats` as JSON in its footer; temp name + rename on local disk. Returns the
+    row count."""
+    schema = tensor_schema(shapes)
+    metadata = {STATS_KEY: json.dumps(stats).encode()} if stats is not None else {}
+    fs, path = storage.resolve(uri)
+    local = storage.local_path(uri)
+    target = f"{os.path.dirname(local)}/.{os.path.basename(local)}.tmp-{os.getpid()}" if local else path
+    if local:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+    schema = schema.with_metadata(metadata)
+    rows = 0
+    pending: list = []
+    pending_rows = 0
+    try:
+        with pq.ParquetWriter(target, schema, filesystem=None if local else fs,
+                              **parquet_writer_options(schema)) as writer:
+            def flush(final: bool) -> None:
+                nonlocal pending, pending_rows
+                if not pending:
+                    return
+                merged = pa.concat_tables(pending)
+                full = (merged.num_rows // row_group_size) * row_group_size
+                cut = merged.num_rows if final else full
+                if cut:
+                    writer.write_table(merged.slice(0, cut), row_group_size=row_group_size)
+                rest = merged.slice(cut)
+                pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+            for table in tables:
+                if not table.schema.equals(schema, check_metadata=False):
+                    raise LatentDatasetError(f"{uri}: a chunk has schema {table.schema}, expected {schema}")
+                table = table.replace_schema_metadata(None)
+                rows += table.num_rows
+                pending.append(table)
+                pending_rows += table.num_rows
+                if pending_rows >= row_group_size:
+                    flush(final=False)
+            flush(final=True)
+        if local:
+            os.replace(target, local)
+    except BaseException:
+        if local and os.path.exists(target):
+            os.unlink(target)
+        raise
+    return rows
+
+
+def read_shard_stats(uri: str) -> tuple[dict, int]:
+    """(per-shard stats from the footer, row count) of a finished shard file."""
+    with storage.open_input(uri) as handle:
+        metadata = pq.read_metadata(handle)
+    raw = (metadata.metadata or {}).get(STATS_KEY)
+    if raw is None:
+        raise LatentDatasetError(f"{uri}: no {STATS_KEY.decode()} in the parquet footer; not written by this phase")
+    return json.loads(raw), metadata.num_rows
+
+
+def write_empty_text(out_dir: str, values: Any) -> dict:
+    """The empty caption's embedding as ``empty_text_emb.npy`` (float16); returns its manifest entry."""
+    empty = np.asarray(values, dtype=np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, empty, allow_pickle=False)
+    storage.write_bytes(storage.join(out_dir, EMPTY_TEXT_FILE), buffer.getvalue())
+    return {"file": EMPTY_TEXT_FILE, "shape": list(empty.shape), "dtype": "float16",
+            "sha256": manifest_lib.hash_bytes(buffer.getvalue())}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+def __getattr__(name: str):
+    if name == "LatentDataset":
+        return lazy_dataset.iterable_dataset(globals(), name, LatentShardReader)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class LatentShardReader:
+    """The methods of `LatentDataset` (a torch IterableDataset subclass of this class); see the module."""
+
     def __init__(self, uri: str, columns: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_offset: int = 0, epoch: int = 0, infinite: bool = True, batch_size: int | None = None,
                  shuffle: bool = True, shuffle_window: int = 1024, drop_last: bool = False,
@@ -245,6 +403,8 @@ class LatentDataset(IterableDataset):
         return out
 
     def _emit(self, data: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
+        import torch
+
         item: dict[str, Any] = {}
         for name, values in data.items():
             part = values[lo:hi]
@@ -256,6 +416,8 @@ class LatentDataset(IterableDataset):
         return item
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import get_worker_info
+
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         batch = self.batch_size or 1

@@ -226,8 +226,11 @@ class Phase:
     def discard(self, ctx: Context) -> None:
         """After an input error: drop what this run started (never a finished dataset)."""
 
+    def record(self, ctx: Context, manifest: dict) -> None:
+        """After the manifest is written, while the MLflow run is still open (e.g. log it as an artifact)."""
+
     def finish(self, ctx: Context, manifest: dict) -> None:
-        """After the manifest is written (temp files go here)."""
+        """After the manifest is written and the MLflow run closed (temp files go here)."""
 
     def existing(self, cfg, output: str) -> PhaseResult:
         manifest = manifest_lib.read(output)
@@ -262,6 +265,7 @@ class Phase:
                 manifest = manifest_lib.write(output, phase=self.name, cfg=cfg, input_uri=self.lineage_input(ctx),
                                               input_id=input_id, counts=outcome.counts, extra=outcome.extra,
                                               mlflow_run_id=ctx.run_id)
+                self.record(ctx, manifest)
         except InputError:
             self.discard(ctx)
             raise

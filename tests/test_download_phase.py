@@ -32,8 +32,10 @@ from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipelines import download, manifest, netguard, storage, tracking  # noqa: E402
+from pipelines import config as config_lib  # noqa: E402
+from pipelines import download, download_task, manifest, netguard, storage, tracking  # noqa: E402
 from pipelines.config import ConfigError  # noqa: E402
+from pipelines.phase import InputError  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 1.0  # download timeout used in these tests; the slow endpoint waits 3x longer
@@ -178,22 +180,6 @@ def write_config(path: str, **settings) -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def embedded_ray():
-    """One embedded Ray (2 CPUs) for this module's runs; yields its GCS address so a phase run in a
-    subprocess joins it instead of starting a second local Ray (two embedded Rays on one machine
-    collide on the dashboard agent's fixed port). Shut down only if this fixture started it."""
-    import ray
-
-    from pipelines.runtime import RayConfig, init_ray
-
-    started = not ray.is_initialized()
-    init_ray(RayConfig(num_cpus=2))
-    yield ray.get_runtime_context().gcs_address
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
 # --------------------------------------------------------------------------------------------
 # Fast unit tests (no Ray, no img2dataset)
 
@@ -229,30 +215,30 @@ def test_shards_are_deterministic_consecutive_slices_across_files():
     ("failed_to_download", "something new", "download_error"),
 ])
 def test_failure_reasons(status, message, reason):
-    assert download.failure_reason(status, message) == reason
+    assert download_task.failure_reason(status, message) == reason
 
 
 def test_image_inspection_rejects_unsafe_content_before_decoding():
     good = jpeg_bytes(1)
-    assert download.inspect_image(good, 10**6) is None
-    assert download.inspect_image(png_bytes((20, 10)), 10**6) is None
-    assert download.inspect_image(good[: len(good) // 2], 10**6).startswith("truncated_image")
+    assert download_task.inspect_image(good, 10**6) is None
+    assert download_task.inspect_image(png_bytes((20, 10)), 10**6) is None
+    assert download_task.inspect_image(good[: len(good) // 2], 10**6).startswith("truncated_image")
     png = png_bytes((64, 64), "L")
-    assert download.inspect_image(png[:-20], 10**6).startswith("truncated_image")
-    assert download.inspect_image(b"<!DOCTYPE html><html>hi</html>", 10**6).startswith("not_an_image")
-    assert "48x40" in download.inspect_image(good, 1000)  # bomb check reads only the header
+    assert download_task.inspect_image(png[:-20], 10**6).startswith("truncated_image")
+    assert download_task.inspect_image(b"<!DOCTYPE html><html>hi</html>", 10**6).startswith("not_an_image")
+    assert "48x40" in download_task.inspect_image(good, 1000)  # bomb check reads only the header
     gif = io.BytesIO()
     Image.new("P", (30, 30)).save(gif, "GIF")
-    assert download.inspect_image(gif.getvalue(), 10**6) is None
+    assert download_task.inspect_image(gif.getvalue(), 10**6) is None
 
 
 def test_config_validation_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"allowed_networks\[0\]: '127.0.0.1/40'"):
-        download.config_lib.load(download.DownloadConfig, overrides=["allowed_networks=['127.0.0.1/40']"])
+        config_lib.load(download.DownloadConfig, overrides=["allowed_networks=['127.0.0.1/40']"])
     with pytest.raises(ConfigError, match="resize_mode"):
-        download.config_lib.load(download.DownloadConfig, overrides=["resize_mode=stretch"])
+        config_lib.load(download.DownloadConfig, overrides=["resize_mode=stretch"])
     with pytest.raises(ConfigError, match="metadata_columns"):
-        download.config_lib.load(download.DownloadConfig, overrides=["metadata_columns=[status]"])
+        config_lib.load(download.DownloadConfig, overrides=["metadata_columns=[status]"])
     with pytest.raises(ConfigError, match="input: required"):
         download.output_dir(download.DownloadConfig())
 
@@ -264,7 +250,7 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         download.scan_input(root)
     manifest.write(root, phase="filter", cfg={}, input_uri=None, input_id=None, counts={})
-    with pytest.raises(ValueError, match=r"part-00000.parquet: required column 'TEXT' is missing"):
+    with pytest.raises(InputError, match=r"part-00000.parquet: required column 'TEXT' is missing"):
         download.scan_input(root)
 
 
@@ -339,7 +325,8 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
     argv = ["--config", write_config(str(tmp_path / "download.yaml"), shard_size=7, data_root=data_root),
             "--input", input_dir]
 
-    report = download.main(argv)
+    result = download.main(argv)
+    report = result.details
 
     expected_failures = {reason: len(group) for reason, group in faults.items()}
     assert report["input_rows"] == len(urls) == 21
@@ -350,10 +337,10 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
     assert second.hits.get("/decoy.jpg", 0) == 0, "the guard let a request through to 127.0.0.2"
     assert main.hits["/redirect.jpg"] == 1 and main.hits["/missing/a.jpg"] == 1
 
-    cfg = download.config_lib.load_from_args(download.DownloadConfig,
-                                              download.config_lib.argument_parser("x").parse_args(argv))
+    cfg = download.PHASE.load_config(argv)
     out = download.output_dir(cfg)
     assert report["output"] == out and manifest.has_manifest(out)
+    assert result.output == out and not result.skipped and result.counts["samples"] == 12
     assert sorted(os.listdir(out)) == sorted(
         [f"{i:05d}{ext}" for i in range(3) for ext in (".tar", ".parquet", "_stats.json")]
         + ["config.yaml", "manifest.json", "report.json"])
@@ -381,7 +368,8 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
 
     # A rerun of a completed version is a no-op.
     hits = main.total_hits()
-    assert download.main(argv) == report
+    again = download.main(argv)
+    assert again.skipped and again.details == report and again.manifest == result.manifest
     assert main.total_hits() == hits
 
 
@@ -429,8 +417,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, servers, embedded
     (version_dir,) = storage.list_dirs(interrupted_root)
     assert not manifest.has_manifest(version_dir)
 
-    resumed = download.main(argv)
-    uninterrupted = download.main(["--config", config, "--input", input_dir, "--output", str(tmp_path / "clean")])
+    resumed = download.main(argv).details
+    uninterrupted = download.main(["--config", config, "--input", input_dir, "--output", str(tmp_path / "clean")]).details
 
     assert resumed["shards"]["resumed"] >= 2 and resumed["shards"]["completed"] == 10
     assert resumed["version"] == uninterrupted["version"]

@@ -166,3 +166,40 @@ def test_bad_requests_name_the_problem(latents, tmp_path):
         LatentDataset(latents, ["uid"], world_size=40)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         LatentDataset(str(tmp_path), ["uid"])
+
+
+def test_writer_cuts_exact_row_groups_and_keeps_stats(tmp_path):
+    shapes = {"text_emb": [3, 2]}
+    rows = [3, 5, 2]
+    tables = [ld.shard_table([f"k{i}"] * n, [f"u{i}-{j}" for j in range(n)], ["c"] * n,
+                             {"text_emb": np.full((n, 3, 2), i, dtype=np.float16).tobytes()}, shapes)
+              for i, n in enumerate(rows)]
+    uri = str(tmp_path / "shard-00000.parquet")
+    assert ld.write_shard(uri, tables, shapes, row_group_size=4, stats={"written": 10}) == 10
+    handle = pq.ParquetFile(uri)
+    assert [handle.metadata.row_group(i).num_rows for i in range(handle.metadata.num_row_groups)] == [4, 4, 2]
+    assert json.loads(handle.schema_arrow.field("text_emb").metadata[ld.SHAPE_KEY]) == [3, 2]
+    assert ld.read_shard_stats(uri) == ({"written": 10}, 10)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # the temp file was renamed
+    with pytest.raises(LatentDatasetError, match="a chunk has schema"):
+        ld.write_shard(str(tmp_path / "bad.parquet"), tables, {"text_emb": [4]}, row_group_size=4)
+    assert os.listdir(tmp_path) == ["shard-00000.parquet"]  # nothing half-written is left
+    pq.write_table(tables[0], tmp_path / "plain.parquet")
+    with pytest.raises(LatentDatasetError, match="not written by this phase"):
+        ld.read_shard_stats(str(tmp_path / "plain.parquet"))
+
+
+def test_reader_pickles_and_the_format_imports_no_torch(latents):
+    import pickle
+    import subprocess
+    import sys
+
+    ds = LatentDataset(latents, ["uid"], shuffle=False, infinite=False)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert type(copy) is LatentDataset and isinstance(copy, torch.utils.data.IterableDataset)
+    assert [item["uid"] for item in copy] == [item["uid"] for item in ds]
+    # The phases' CPU tasks import the formats; torch would cost each worker seconds and ~700 MB.
+    code = ("import sys; import pipelines.latent_shards, pipelines.image_shards, pipelines.precompute_cpu; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines import config as config_lib
 from pipelines import latent_shards as ld
-from pipelines import precompute
+from pipelines import precompute, precompute_cpu
 from pipelines import tracking
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def _shard_tables(out_dir: str) -> dict[str, tuple]:
     for name in sorted(os.listdir(out_dir)):
         if name.endswith(".parquet"):
             handle = pq.ParquetFile(os.path.join(out_dir, name))
-            tables[name] = (handle.read(), handle.metadata.metadata[precompute.STATS_KEY],
+            tables[name] = (handle.read(), handle.metadata.metadata[ld.STATS_KEY],
                             [handle.metadata.row_group(i).num_rows for i in range(handle.metadata.num_row_groups)])
     return tables
 
@@ -153,9 +153,11 @@ def test_precompute_end_to_end_resume_and_noop(setup):
     base, overrides = setup
     cfg = _config(overrides, f"output={base / 'latents-a'}")
     out_dir = precompute.output_dir(cfg)
-    manifest = precompute.main(["--config", os.path.join(REPO_ROOT, "configs", "precompute-tiny.yaml"),
-                                *[a for o in overrides + [f"output={base / 'latents-a'}"] for a in ("--set", o)]])
-    assert os.path.basename(out_dir) == manifest["version"]
+    result = precompute.main(["--config", os.path.join(REPO_ROOT, "configs", "precompute-tiny.yaml"),
+                              *[a for o in overrides + [f"output={base / 'latents-a'}"] for a in ("--set", o)]])
+    manifest = result.manifest
+    assert os.path.basename(out_dir) == manifest["version"] == result.version
+    assert result.output == out_dir and not result.skipped
 
     # Counts: every input sample is written or skipped with a named reason.
     counts = manifest["counts"]
@@ -209,7 +211,7 @@ def test_precompute_end_to_end_resume_and_noop(setup):
     # A second run with the same config is a no-op: same manifest, files untouched.
     mtimes = {n: os.stat(os.path.join(out_dir, n)).st_mtime_ns for n in os.listdir(out_dir)}
     again = precompute.run(cfg)
-    assert again == manifest
+    assert again.skipped and again.manifest == manifest
     assert {n: os.stat(os.path.join(out_dir, n)).st_mtime_ns for n in os.listdir(out_dir)} == mtimes
 
     # Killed after its first shard file appears, then rerun: identical shards to the uninterrupted run.
@@ -227,7 +229,7 @@ def test_precompute_end_to_end_resume_and_noop(setup):
     assert not os.path.exists(os.path.join(killed_dir, "manifest.json")), "the phase finished before it was killed"
     partial = [n for n in os.listdir(killed_dir) if n.endswith(".parquet")]
     assert 1 <= len(partial) < N_SHARDS, output
-    resumed = precompute.run(killed_cfg)
+    resumed = precompute.run(killed_cfg).manifest
     assert resumed["counts"] == counts and resumed["shards"] == manifest["shards"]
     again_tables = _shard_tables(killed_dir)
     assert sorted(again_tables) == sorted(tables)
@@ -263,15 +265,15 @@ def test_decode_image_converts_modes_and_crops():
     rng = np.random.default_rng(1)
     for kind, mode in (("rgb", None), ("gray", "L"), ("cmyk", "CMYK"), ("rgba", "RGBA")):
         _, data = _image(kind, rng)
-        pixels, converted = precompute.decode_image(data, 16)
+        pixels, converted = precompute_cpu.decode_image(data, 16)
         assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
         assert converted == mode
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    pixels, converted = precompute.decode_image(_encode(transparent, "PNG"), 8)
+    pixels, converted = precompute_cpu.decode_image(_encode(transparent, "PNG"), 8)
     assert converted == "RGBA" and (pixels == 255).all()  # transparent -> white, not black
     with pytest.raises(Image.DecompressionBombError, match="max_image_pixels 1000"):
-        precompute.decode_image(_image("rgb", rng)[1], 16, max_pixels=1000)  # 56 x 40 = 2240 pixels
+        precompute_cpu.decode_image(_image("rgb", rng)[1], 16, max_pixels=1000)  # 56 x 40 = 2240 pixels
     for kind in ("corrupt", "truncated"):
         with pytest.raises(Exception) as failure:
-            precompute.decode_image(_image(kind, rng)[1], 16)
-        assert precompute._failure_reason(failure.value) == "decode_error"
+            precompute_cpu.decode_image(_image(kind, rng)[1], 16)
+        assert precompute_cpu._failure_reason(failure.value) == "decode_error"
