@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipelines import train_specs  # noqa: E402
+from pipelines.training.metrics import peak_tflops_for, training_flops_per_sample  # noqa: E402
+from pipelines.training.specs import STAGES  # noqa: E402
 
 PAPER_STAGE_C_SAMPLES = 1.42e9
 PAPER_STAGE_C_A100_HOURS = 24602
@@ -64,8 +65,9 @@ def cases(paper: bool, batch: int | None) -> list[Case]:
 
 def make_step(case: Case, device: torch.device, bf16: bool, compile_model: bool, checkpointing: bool):
     """A closure running one training step on random inputs of the case's shapes."""
-    config = train_specs.model_config(case.stage, case.preset, {})
-    model = train_specs.build_model(case.stage, config, gradient_checkpointing=checkpointing).to(device)
+    spec = STAGES[case.stage]
+    config = spec.model_config(case.preset, {})
+    model = spec.build_model(config, gradient_checkpointing=checkpointing).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     forward = torch.compile(model) if compile_model else model
@@ -74,7 +76,7 @@ def make_step(case: Case, device: torch.device, bf16: bool, compile_model: bool,
         batch = {"images": torch.rand(case.batch, 3, *case.shapes["images"], device=device)}
     else:
         with torch.device(device):
-            batch = train_specs.example_inputs(case.stage, config, case.shapes, batch=case.batch)
+            batch = spec.example_inputs(case.shapes, batch=case.batch)
     # No empty-caption embedding in a benchmark, so no text dropout (a torch.where: no measurable cost).
     data_cfg = argparse.Namespace(text_dropout=0.0, effnet_dropout=0.05, effnet_noise_probability=0.3,
                                   effnet_noise_max_t=0.5)
@@ -87,8 +89,7 @@ def make_step(case: Case, device: torch.device, bf16: bool, compile_model: bool,
                 out = forward(batch["images"])
                 loss = out.loss
             else:
-                loss, _ = train_specs.diffusion_loss(case.stage, forward, batch, text_uncond=None,
-                                                     data_cfg=data_cfg, generator=generator)
+                loss, _ = spec.loss(forward, batch, text_uncond=None, data_cfg=data_cfg, generator=generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     variants = (args.variants or ("eager,compile,ckpt,compile+ckpt" if device.type == "cuda" else "eager")).split(",")
     steps = args.steps or (10 if device.type == "cuda" else 5)
-    peak = train_specs.peak_tflops_for(device, args.peak_tflops)
+    peak = peak_tflops_for(device, args.peak_tflops)
     wanted = set(args.stages.split(","))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; precision: {'bf16 autocast' if bf16 else 'fp32'}; peak: "
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases(args.paper, args.batch):
         if case.stage not in wanted:
             continue
-        config = train_specs.model_config(case.stage, case.preset, {})
-        flops = train_specs.training_flops_per_sample(case.stage, config, case.shapes)
+        spec = STAGES[case.stage]
+        flops = training_flops_per_sample(spec, spec.model_config(case.preset, {}), case.shapes)
         for variant in variants:
             compile_model, checkpointing = "compile" in variant, "ckpt" in variant
             if device.type == "cuda":

@@ -45,7 +45,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from pipelines import config as config_lib
-from pipelines import latent_shards, precompute_encoders
+from pipelines import latent_shards
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
@@ -55,9 +55,6 @@ from pipelines.precompute_encoders import ChunkEncoder, compute_probe, encoder_s
 from pipelines.runtime import RayConfig, default_data_root
 
 log = logging.getLogger(__name__)
-# For callers that still encode through this module (tests/test_train_stage_a.py); the class lives in
-# pipelines.precompute_encoders.
-Encoders = precompute_encoders.Encoders
 
 OUTPUTS = ("text", "semantic", "stage_a")
 SEMANTIC_STRIDE = 32  # EfficientNet trunks downsample by 32: 768 px -> 24 x 24

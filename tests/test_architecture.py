@@ -33,12 +33,21 @@ def project_modules() -> dict[str, str]:
     return found
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of the tree except the bodies of `if TYPE_CHECKING:` (annotations only, never run)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imports_of(module: str, path: str, known: set[str]) -> set[str]:
-    """Project modules `module` imports anywhere in its file (module level or inside functions)."""
+    """Project modules `module` imports when it runs, anywhere in its file (module level or inside functions)."""
     tree = ast.parse(open(path).read(), path)
     package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

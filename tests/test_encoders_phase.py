@@ -13,7 +13,7 @@ from pipelines import encoders, manifest
 from pipelines.config import ConfigError
 from pipelines.image_shards import ImageShardDataset
 
-import train_fixtures
+import helpers
 
 BASE = ["text_preset=tiny", "semantic_preset=tiny", "random_weights=true", "mlflow.enabled=false"]
 
@@ -34,7 +34,7 @@ def test_random_encoders_are_written_once_and_say_they_are_random(tmp_path):
 
 
 def test_calibration_gives_stage_c_targets_unit_scale_on_the_images(tmp_path):
-    images = train_fixtures.write_image_shards(str(tmp_path / "images" / "v1"), size=64)
+    images = helpers.write_image_shards(str(tmp_path / "images" / "v1"), size=64)
     uncalibrated = stages.load(os.path.join(encoders.run(load(tmp_path)).output, "semantic"), expected_kind="semantic")
     out = encoders.run(load(tmp_path, f"input={images}", "calibration_resolution=64", "calibration_images=32")).output
     info = manifest.read(out)["encoders"]["calibration"]

@@ -18,6 +18,8 @@ import pytest
 from cluster.local import free_ports
 from pipelines import tracking
 
+import helpers
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 PHASES = ["filter", "download", "encoders", "precompute", "train"]
@@ -99,10 +101,9 @@ def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, 
 
     # A training run that logged a sample grid: open its Artifacts tab the way a person does
     # (click the images folder, then the PNG) and check the preview <img> really loaded that image.
-    from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    client = MlflowClient(f"sqlite:///{data_root}/mlflow.db")
+    client = helpers.mlflow_client(data_root)
     samples = []
     for run in tracking.find_runs("train", tracking_uri=f"sqlite:///{data_root}/mlflow.db"):
         samples += [(run, a.path) for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]

@@ -139,3 +139,27 @@ def test_bad_inputs_raise_clear_errors():
         StageAConfig.from_dict({"embed_dims": 32})
     # diffusers' bookkeeping keys are ignored.
     assert StageAConfig.from_dict({"_class_name": "PaellaVQModel", "embed_dim": 64}).embed_dim == 64
+
+
+def test_training_loss_networks(tmp_path):
+    """stages.losses: the VGG16 distance is 0 between equal images and loads only a vgg16 state dict;
+    the PatchGAN scores patches."""
+    from safetensors.torch import save_file
+
+    from stages.losses import PatchDiscriminator, VGGPerceptual
+
+    torch.manual_seed(0)
+    perceptual = VGGPerceptual(blocks=2)
+    images = torch.rand(2, 3, 32, 32)
+    assert float(perceptual(images, images)) == 0.0
+    assert float(perceptual(images.flip(-1), images)) > 0.0
+    assert not any(p.requires_grad for p in perceptual.parameters())
+    weights = tmp_path / "vgg.safetensors"
+    save_file({f"features.{k}": v.clone() for k, v in perceptual.features.state_dict().items()}, str(weights))
+    loaded = VGGPerceptual(blocks=2, weights_path=str(weights))
+    assert float(loaded(images.flip(-1), images)) == float(perceptual(images.flip(-1), images))
+    save_file({"other.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="s3://b/vgg.safetensors lacks VGG16 feature weights"):
+        VGGPerceptual(blocks=2, weights_path=str(tmp_path / "bad.safetensors"), source="s3://b/vgg.safetensors")
+    scores = PatchDiscriminator(channels=8, layers=2)(images)
+    assert scores.shape[:2] == (2, 1) and scores.shape[-1] > 1

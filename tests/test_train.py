@@ -23,10 +23,15 @@ import pytest
 import torch
 
 from pipelines import config as config_lib
+from pipelines import manifest as manifest_lib
 from pipelines import train
 from pipelines.config import ConfigError
+from pipelines.training.checkpoint import TRAIN_STATE
+from pipelines.training.config import EXPORT_DIR, TRACE_DIR, TrainConfig
+from pipelines.training.driver import plan_run
+from pipelines.training.engine import warmup_then_constant
 
-import train_fixtures
+import helpers
 
 TINY = {"c": "configs/train-c-tiny.yaml", "b": "configs/train-b-tiny.yaml", "a": "configs/train-a-tiny.yaml"}
 STEPS, HALF = 24, 12
@@ -39,9 +44,9 @@ STEPS, HALF = 24, 12
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-inputs")
-    companions = train_fixtures.write_companions(str(root / "companions"))
+    companions = helpers.write_companions(str(root / "companions"))
     # The manifest names the encoders the latents were computed with: text and stage_a.
-    latents = train_fixtures.write_latent_dataset(
+    latents = helpers.write_latent_dataset(
         str(root / "latents" / "v1"), companions={k: companions[k] for k in ("text", "stage_a")})
     return {"latents": latents, "companions": companions, "root": str(root)}
 
@@ -58,12 +63,6 @@ def submit_train(cluster, stage: str, run_name: str, *overrides: str, timeout: f
     return {"run_dir": run_dir, "info": info, "logs": logs, "name": run_name}
 
 
-def mlflow_client(cluster):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{os.path.join(cluster.data_root, 'mlflow.db')}")
-
-
 def metric_by_step(client, run_id: str, key: str) -> dict[int, float]:
     """Last logged value per step (a restarted worker group logs the replayed steps again)."""
     history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
@@ -73,7 +72,7 @@ def metric_by_step(client, run_id: str, key: str) -> dict[int, float]:
 def read_trace(run_dir: str) -> dict[tuple[int, int], list[str]]:
     """(rank, step) -> sample ids, from the data_trace files (later files win)."""
     out: dict[tuple[int, int], list[str]] = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, train.TRACE_DIR, "*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(run_dir, TRACE_DIR, "*.jsonl"))):
         rank = int(os.path.basename(path).split("-")[1])
         with open(path) as f:
             for line in f:
@@ -85,7 +84,7 @@ def read_trace(run_dir: str) -> dict[tuple[int, int], list[str]]:
 def load_export(run_dir: str, kind: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(run_dir, train.EXPORT_DIR, kind, "model.safetensors"))
+    return load_file(os.path.join(run_dir, EXPORT_DIR, kind, "model.safetensors"))
 
 
 def common_overrides(inputs, *extra: str) -> list[str]:
@@ -99,23 +98,23 @@ def common_overrides(inputs, *extra: str) -> list[str]:
 def test_config_errors_name_the_key(inputs, tmp_path):
     base = [f"input={inputs['latents']}", f"data_root={tmp_path}"]
     with pytest.raises(ConfigError, match="model.preset"):
-        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.preset=huge"]), use_gpu=False)
+        plan_run(config_lib.load(TrainConfig, TINY["c"], base + ["model.preset=huge"]), use_gpu=False)
     with pytest.raises(ConfigError, match=r"model.overrides.c_widht"):
-        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.overrides={c_widht: 3}"]),
+        plan_run(config_lib.load(TrainConfig, TINY["c"], base + ["model.overrides={c_widht: 3}"]),
                        use_gpu=False)
     # Stage C built for 64-wide text cannot read 32-wide embeddings: the error names column and shapes.
     with pytest.raises(ConfigError, match=r"text_emb has shape \(77, 32\).*64"):
-        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], base + ["model.overrides={c_cond: 64}"]),
+        plan_run(config_lib.load(TrainConfig, TINY["c"], base + ["model.overrides={c_cond: 64}"]),
                        use_gpu=False)
     with pytest.raises(ConfigError, match="train.zero_stage"):
-        config_lib.load(train.TrainConfig, TINY["c"], base + ["train.zero_stage=4"])
+        config_lib.load(TrainConfig, TINY["c"], base + ["train.zero_stage=4"])
     with pytest.raises(ConfigError, match="input: required"):
-        train.plan_run(config_lib.load(train.TrainConfig, TINY["c"], [f"data_root={tmp_path}"]), use_gpu=False)
+        plan_run(config_lib.load(TrainConfig, TINY["c"], [f"data_root={tmp_path}"]), use_gpu=False)
 
 
 def test_plan_and_run_naming(inputs, tmp_path):
-    cfg = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}"])
-    plan = train.plan_run(cfg, use_gpu=False)
+    cfg = config_lib.load(TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}"])
+    plan = plan_run(cfg, use_gpu=False)
     assert plan.shapes == {"text_emb": [77, 32], "semantic": [16, 4, 4], "stage_a": [4, 16, 16]}
     assert plan.num_samples == 48 and not plan.bf16
     # Companions come from the latents' manifest (text, stage_a); the config adds stage_c.
@@ -123,17 +122,51 @@ def test_plan_and_run_naming(inputs, tmp_path):
     assert plan.run_dir == train.output_dir(cfg) and os.path.basename(plan.run_dir).startswith("b-")
     # Settings that do not change the weights keep the run name (so raising max_steps resumes);
     # a different learning rate is a different run.
-    longer = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+    longer = config_lib.load(TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
                                                            "train.max_steps=1000", "sampling.every=0"])
-    other = config_lib.load(train.TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+    other = config_lib.load(TrainConfig, TINY["b"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
                                                           "optim.lr=0.1"])
     assert train.output_dir(longer) == train.output_dir(cfg) != train.output_dir(other)
 
 
 def test_warmup_then_constant():
-    factor = train.warmup_then_constant(4)
+    factor = warmup_then_constant(4)
     assert [factor(n) for n in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert train.warmup_then_constant(0)(0) == 1.0
+    assert warmup_then_constant(0)(0) == 1.0
+
+
+def test_phase_names_the_run_and_skips_a_finished_one(inputs, tmp_path):
+    cfg = config_lib.load(TrainConfig, TINY["c"], [f"input={inputs['latents']}", f"data_root={tmp_path}"])
+    run_dir = train.output_dir(cfg)
+    assert train.PHASE.version(cfg) == os.path.basename(run_dir) and run_dir.startswith(str(tmp_path / "runs"))
+    named = config_lib.load(TrainConfig, TINY["c"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+                                                     "run_name=mine"])
+    assert train.output_dir(named) == str(tmp_path / "runs" / "mine")
+    # A manifest that reached max_steps is a finished run: run() returns it without starting Ray.
+    manifest_lib.write(run_dir, phase="train", cfg=cfg, input_uri=inputs["latents"], input_id="x",
+                       counts={"steps": 12, "max_steps": 12}, extra={"run_name": "r", "export": "e"})
+    assert not train.is_complete(cfg, run_dir)  # max_steps is 24: the run resumes
+    done = config_lib.load(TrainConfig, TINY["c"], [f"input={inputs['latents']}", f"data_root={tmp_path}",
+                                                    "train.max_steps=12"])
+    assert train.output_dir(done) == run_dir and train.is_complete(done, run_dir)
+    result = train.run(done)
+    assert result.skipped and result.counts["steps"] == 12
+    assert result.details["run_dir"] == run_dir and result.details["step"] == 12
+
+
+def test_training_package_does_not_import_the_phase_module():
+    """pipelines.training.* never imports pipelines.train (no import cycle with the phase module)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "pipelines" / "training"
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "pipelines":
+                names = [f"pipelines.{a.name}" for a in node.names]
+            assert "pipelines.train" not in names, f"{path.name} imports pipelines.train"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +191,7 @@ def c_resumed(ray_cluster, inputs):
 @pytest.mark.e2e
 def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference, tmp_path):
     run_dir, run_id = c_reference["run_dir"], c_reference["info"]["mlflow_run_id"]
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     run = client.get_run(run_id)
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.preset"] == "tiny"
     assert run.data.params["derived.world_size"] == "2"
@@ -179,14 +212,14 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
         time.sleep(1)
     assert len(checkpoints) == 2, checkpoints
     latest = checkpoints[-1]
-    with open(os.path.join(latest, train.TRAIN_STATE)) as f:
+    with open(os.path.join(latest, TRAIN_STATE)) as f:
         assert json.load(f)["step"] == STEPS
     for rank in (0, 1):
         assert os.path.exists(os.path.join(latest, "model", f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
         assert os.path.exists(os.path.join(latest, "ema", f"rank-{rank:05d}.safetensors"))
 
     # The export is a complete generation set: our Stage C (EMA) + the Stage B/A and text it was trained with.
-    export = os.path.join(run_dir, train.EXPORT_DIR)
+    export = os.path.join(run_dir, EXPORT_DIR)
     with open(os.path.join(export, "export.json")) as f:
         record = json.load(f)
     assert record["step"] == STEPS and record["weights"] == "ema"
@@ -203,14 +236,14 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
 def test_stage_b_job_trains_and_exports(ray_cluster, inputs, tmp_path):
     result = submit_train(ray_cluster, "b", "b-reference",
                           *common_overrides(inputs, f"checkpoints.stage_c={inputs['companions']['stage_c']}"))
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     run_id = result["info"]["mlflow_run_id"]
     loss = metric_by_step(client, run_id, "loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
     first, last = np.mean([loss[s] for s in range(1, 7)]), np.mean([loss[s] for s in range(STEPS - 5, STEPS + 1)])
     assert last < 0.8 * first, f"loss did not decrease: first 6 steps {first:.4f}, last 6 {last:.4f}"
     assert any("samples" in a.path for a in client.list_artifacts(run_id, "images"))
-    export = os.path.join(result["run_dir"], train.EXPORT_DIR)
+    export = os.path.join(result["run_dir"], EXPORT_DIR)
     import stages
 
     model = stages.load(os.path.join(export, "stage_b"), expected_kind="stage_b")
@@ -230,7 +263,7 @@ def test_resume_is_exact_after_stop_and_after_a_killed_worker(ray_cluster, c_ref
     assert first["info"]["mlflow_run_id"] == second["info"]["mlflow_run_id"]
     # The second invocation lost a worker to SIGKILL before step 16 and still finished all steps.
     assert os.path.exists(os.path.join(second["run_dir"], ".fault-injected-step-16"))
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     reference = metric_by_step(client, c_reference["info"]["mlflow_run_id"], "loss")
     resumed = metric_by_step(client, second["info"]["mlflow_run_id"], "loss")
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -256,7 +289,7 @@ def test_resume_is_exact_after_stop_and_after_a_killed_worker(ray_cluster, c_ref
 @pytest.mark.slow_e2e  # ~100 s: a third Stage C job; run by `make test-all`
 def test_zero3_with_ema_matches_zero2(ray_cluster, inputs, c_reference):
     result = submit_train(ray_cluster, "c", "c-zero3", *common_overrides(inputs, "train.zero_stage=3"))
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     reference = metric_by_step(client, c_reference["info"]["mlflow_run_id"], "loss")
     zero3 = metric_by_step(client, result["info"]["mlflow_run_id"], "loss")
     assert max(abs(zero3[s] - reference[s]) for s in reference) < 1e-4

@@ -13,12 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines import config as config_lib
-from pipelines import train
 from pipelines.config import ConfigError
 from pipelines.image_shards import ImageShardDataset
+from pipelines.training.config import EXPORT_DIR, TrainConfig
+from pipelines.training.driver import plan_run
 
-import train_fixtures
-from test_train import TINY, metric_by_step, mlflow_client, read_trace, submit_train
+import helpers
+from test_train import TINY, metric_by_step, read_trace, submit_train
 
 STEPS = 24
 train_config_a = TINY["a"]
@@ -26,7 +27,7 @@ train_config_a = TINY["a"]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return train_fixtures.write_image_shards(str(tmp_path_factory.mktemp("images") / "v1"))
+    return helpers.write_image_shards(str(tmp_path_factory.mktemp("images") / "v1"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,13 +61,13 @@ def test_image_reader_covers_epochs_disjointly_and_resumes_exactly(images):
 
 def test_perceptual_weights_must_be_named_or_declared_random(images, tmp_path):
     base = [f"input={images}", f"data_root={tmp_path}"]
-    cfg = config_lib.load(train.TrainConfig, train_config_a, base + ["stage_a.perceptual.random_weights=false"])
+    cfg = config_lib.load(TrainConfig, train_config_a, base + ["stage_a.perceptual.random_weights=false"])
     with pytest.raises(ConfigError, match="stage_a.perceptual.weights_path: required"):
-        train.plan_run(cfg, use_gpu=False)
-    cfg = config_lib.load(train.TrainConfig, train_config_a, base + ["data.crop_size=30"])
+        plan_run(cfg, use_gpu=False)
+    cfg = config_lib.load(TrainConfig, train_config_a, base + ["data.crop_size=30"])
     with pytest.raises(ConfigError, match="data.crop_size"):
-        train.plan_run(cfg, use_gpu=False)
-    plan = train.plan_run(config_lib.load(train.TrainConfig, train_config_a, base), use_gpu=False)
+        plan_run(cfg, use_gpu=False)
+    plan = plan_run(config_lib.load(TrainConfig, train_config_a, base), use_gpu=False)
     assert plan.num_samples == 32 and plan.shapes == {"images": [32, 32]}
 
 
@@ -85,7 +86,7 @@ def submit_train_a(cluster, name: str, images: str, *overrides: str) -> dict:
 
 @pytest.mark.e2e
 def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_cluster, a_reference, images):
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     run_id = a_reference["info"]["mlflow_run_id"]
     loss, psnr = metric_by_step(client, run_id, "loss"), metric_by_step(client, run_id, "psnr")
     assert sorted(loss) == list(range(1, STEPS + 1))
@@ -105,13 +106,13 @@ def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_clu
     assert any("samples" in a.path for a in client.list_artifacts(run_id, "images"))
 
     # The export is a Stage A checkpoint that precompute's encoders load and encode with.
-    from pipelines import precompute
+    from pipelines import precompute, precompute_encoders
 
-    export = os.path.join(a_reference["run_dir"], train.EXPORT_DIR, "stage_a")
+    export = os.path.join(a_reference["run_dir"], EXPORT_DIR, "stage_a")
     pcfg = config_lib.load(precompute.PrecomputeConfig, None,
                            [f"encoders.stage_a={export}", "outputs=[stage_a]", "stage_a_resolution=32",
                             "precision=float32"])
-    encoders = precompute.Encoders(precompute.encoder_spec(pcfg, use_gpu=False))
+    encoders = precompute_encoders.Encoders(precompute_encoders.encoder_spec(pcfg, use_gpu=False))
     pixels = np.random.default_rng(0).integers(0, 255, size=(2, 32, 32, 3), dtype=np.uint8)
     out = encoders.encode(["a", "b"], pixels)
     assert out["stage_a"].shape == (2, 4, 8, 8) and out["stage_a"].dtype == np.float16
@@ -123,7 +124,7 @@ def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_clu
 def test_stage_a_resume_after_a_killed_worker_is_exact(ray_cluster, a_reference, images):
     resumed = submit_train_a(ray_cluster, "a-killed", images, "fault.kill_rank=1", "fault.kill_at_step=10")
     assert os.path.exists(os.path.join(resumed["run_dir"], ".fault-injected-step-10"))
-    client = mlflow_client(ray_cluster)
+    client = helpers.mlflow_client(ray_cluster.data_root)
     for key in ("loss", "psnr", "discriminator_loss"):
         reference = metric_by_step(client, a_reference["info"]["mlflow_run_id"], key)
         replay = metric_by_step(client, resumed["info"]["mlflow_run_id"], key)

@@ -11,6 +11,7 @@ from pipelines import config as config_lib
 from pipelines import demo_data, workflow
 from pipelines.config import ConfigError
 
+import helpers
 from demo_workflow import DEMO_WORKFLOW, run_workflow, small_workflow
 
 
@@ -54,9 +55,7 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
     # Every training job logged its loss at every step and a sample grid, and exported a checkpoint
     # the next step consumed (Stage B's export is what train_c samples with and generate decodes with).
     import stages
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{demo_workflow_run['data_root']}/mlflow.db")
+    client = helpers.mlflow_client(demo_workflow_run["data_root"])
     for step, kind in (("train_a", "stage_a"), ("train_b", "stage_b"), ("train_c", "stage_c")):
         run_info = json.load(open(os.path.join(summary[step]["output"], "run.json")))
         run_id = run_info["mlflow_run_id"]

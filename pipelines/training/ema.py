@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from pipelines import deepspeed_utils
+from pipelines.training.engine import full_fp32_state_dict, master_partitions
 
 
 class ShardedEma:
@@ -29,7 +29,7 @@ class ShardedEma:
             raise ValueError(f"ema.every must be >= 1, got {every}")
         self.engine = engine
         self.decay, self.start_step, self.every = decay, start_step, every
-        self.masters = deepspeed_utils.master_partitions(engine)
+        self.masters = master_partitions(engine)
         self.shadows = [m.detach().clone() for m in self.masters]
         self.updates = 0
 
@@ -64,7 +64,7 @@ class ShardedEma:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full fp32 EMA weights on rank 0 (None elsewhere). Collective."""
         with self.swapped_in():
-            return deepspeed_utils.full_fp32_state_dict(self.engine)
+            return full_fp32_state_dict(self.engine)
 
     # Checkpointing: one file per rank with that rank's shards.
     def state_dict(self) -> dict[str, torch.Tensor]:

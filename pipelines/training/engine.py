@@ -1,10 +1,13 @@
-"""DeepSpeed glue for the trainer: engine config, safe checkpoint loading, full-weight gathering.
+"""DeepSpeed set-up for the trainer: engine config and construction, safe checkpoint loading,
+full-weight gathering, the LR schedule and the seeding of a worker.
 
 Kept apart from the training loop so the rules that bite are in one place:
 
 * DeepSpeed JIT-compiles ops on first use (the CPU shared-memory all-reduce; an ``"optimizer"`` block
   would also build a fused Adam). We pass a ``torch.optim.AdamW`` built in Python and keep
-  ``TORCH_EXTENSIONS_DIR`` in a cached place so the build happens once per machine.
+  ``TORCH_EXTENSIONS_DIR`` in a cached place so the build happens once per machine. DeepSpeed itself
+  is imported lazily, through ``import_deepspeed``, so that the cache is set up before it loads (and
+  the driver, which never builds an engine, does not pay for it).
 * ``gradient_clipping`` changed its default to 1.0 in 0.19.3: the config always sets it.
 * DeepSpeed's own checkpoint loader uses ``torch.load(weights_only=False)``; our engines load with
   ``weights_only=True`` and an explicit allow-list of the few DeepSpeed classes its files contain.
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from pipelines.training.config import RunPlan, TrainConfig
 
 DEFAULT_TORCH_EXTENSIONS_DIR = os.path.join("~", ".cache", "wurst", "torch_extensions")
 
@@ -171,3 +176,52 @@ def _is_persistent_buffer(module: torch.nn.Module, dotted: str) -> bool:
     owner_name, _, leaf = dotted.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return leaf not in getattr(owner, "_non_persistent_buffers_set", set())
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+
+
+def warmup_then_constant(warmup_steps: int):
+    """LR multiplier for optimizer step n (0-based): linear (n+1)/warmup up to 1, then 1."""
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def make_engine(cfg: TrainConfig, plan: RunPlan, world: int, model, *, lr: Optional[float] = None, optimizer=None,
+                zero_stage: Optional[int] = None):
+    """One DeepSpeed engine around `model` with AdamW + warm-up/constant LR built in Python."""
+    deepspeed = import_deepspeed()
+    optim = cfg.optim
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or optim.lr,
+                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
+    ds_config = engine_config(
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+        world_size=world, zero_stage=cfg.train.zero_stage if zero_stage is None else zero_stage, bf16=plan.bf16,
+        grad_clip=optim.grad_clip)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    use_safe_checkpoint_loading(engine)
+    if cfg.train.compile:
+        engine.compile()
+    return engine, scheduler
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+
+
+def seed_everything(seed: int, rank: int) -> torch.Generator:
+    """Same seed on every rank for the model's initialisation; then a per-rank stream for dropout
+    and a per-rank generator for the objective's noise, t and condition dropout."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (rank + 1))
+    return generator
+
+
+def reseed_per_rank(seed: int, rank: int) -> None:
+    torch.manual_seed(seed * 1_000_003 + rank + 1)

@@ -1,6 +1,7 @@
-"""Tiny inputs for the training tests, written directly in the documented layouts (no precompute or
-download run needed): a latent dataset (parquet shards + manifest + empty-caption embedding), random
-tiny companion checkpoints, and img2dataset-style webdataset image shards for Stage A."""
+"""What several test modules share: tiny inputs written directly in the documented layouts (no precompute
+or download run needed): a latent dataset (parquet shards + manifest + empty-caption embedding), random
+tiny companion checkpoints, img2dataset-style webdataset image shards; and the MLflow client of a data
+root's embedded SQLite store."""
 
 from __future__ import annotations
 
@@ -118,3 +119,14 @@ def write_image_shards(root: str, *, shards: int = 2, per_shard: int = 16, size:
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump({"phase": "download", "version": os.path.basename(root), "counts": {"success": total}}, f)
     return root
+
+
+def sqlite_tracking_uri(data_root: str) -> str:
+    """The embedded MLflow store of a data root (what phases use without mlflow.tracking_uri)."""
+    return f"sqlite:///{os.path.join(data_root, 'mlflow.db')}"
+
+
+def mlflow_client(data_root: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(sqlite_tracking_uri(data_root))

@@ -1,0 +1,243 @@
+"""The training run's settings: `TrainConfig` (the YAML / `--set` keys of `python -m pipelines.train`) and
+`RunPlan` (what the driver resolves once and hands to every worker).
+
+`VERSION_EXCLUDES` lists the settings that do not change the trained weights: they stay out of the run's
+version hash (the default run name), so a run resumes when only they change (e.g. a larger max_steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+from pipelines import tracking
+from pipelines.config import ConfigError, param
+from pipelines.runtime import RayConfig, default_data_root
+
+# The run directory, <runs root>/<run name>/: run.json (the MLflow run id, the weights hash and the
+# settings the run started with), Ray Train's checkpoint_*/ dirs, export/ and data_trace/.
+RUNS_DIR = "runs"
+RUN_INFO = "run.json"
+EXPORT_DIR = "export"
+TRACE_DIR = "data_trace"
+
+# Settings that do not change the trained weights: excluded from the run's version hash, and free to
+# change when a run is resumed (e.g. raise max_steps to train longer).
+VERSION_EXCLUDES = (
+    "data_root", "output", "run_name", "mlflow", "ray", "sampling", "checkpoints", "metrics", "fault",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
+    "train.allow_config_change", "data.loader_workers", "data.trace",
+)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # Stage preset: tiny | paper (Stage C also paper-clip-h | paper-clip-bigg).
+    preset: str = "paper"
+    # Fields of the stage's config dataclass set on top of the preset (StageCConfig / StageBConfig / StageAConfig).
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute).
+    gradient_checkpointing: bool = False
+    # A stages checkpoint directory to start from (fine-tuning, e.g. released weights via stages.convert).
+    init_from: Optional[str] = None
+
+
+@dataclasses.dataclass
+class DataConfig:
+    seed: int = 0
+    # Samples shuffled together within a rank's stream (see LatentDataset's ordering contract).
+    shuffle_window: int = param(4096, ge=1)
+    # DataLoader worker processes per training worker (0: read in the training process).
+    loader_workers: int = param(2, ge=0)
+    # Per-sample probability of replacing the caption embedding by the empty caption's (classifier-free guidance).
+    text_dropout: float = param(0.05, ge=0.0, le=1.0)
+    # Stage B: zero the semantic latent (guidance), and noise it with t ~ U(0, effnet_noise_max_t).
+    effnet_dropout: float = param(0.05, ge=0.0, le=1.0)
+    effnet_noise_probability: float = param(0.3, ge=0.0, le=1.0)
+    effnet_noise_max_t: float = param(0.5, ge=0.0, le=1.0)
+    # Stage A: images are resized (shorter side) to image_size, then randomly cropped to crop_size.
+    image_size: int = param(256, ge=8)
+    crop_size: int = param(128, ge=8)
+    # Write the sample ids of every step to <run dir>/data_trace/ (an audit of the data order).
+    trace: bool = False
+
+    def validate(self) -> None:
+        if self.crop_size > self.image_size:
+            raise ConfigError(f"data.crop_size: {self.crop_size} is larger than data.image_size {self.image_size}")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    # AdamW; the official Würstchen scripts use torch's defaults besides the rate.
+    lr: float = param(1e-4, gt=0.0)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = param(1e-8, gt=0.0)
+    weight_decay: float = param(0.01, ge=0.0)
+    # Linear warm-up from lr/warmup_steps to lr over warmup_steps optimizer steps, then constant.
+    warmup_steps: int = param(10000, ge=0)
+    # Global gradient-norm clipping (always explicit: DeepSpeed's default changed in 0.19.3); 0 = off.
+    grad_clip: float = param(1.0, ge=0.0)
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {self.betas}")
+
+
+@dataclasses.dataclass
+class EmaConfig:
+    enabled: bool = True
+    # Official recipe: beta 0.9 every 100 steps from step 5000 (the EMA copies the weights before that).
+    decay: float = param(0.9, ge=0.0, lt=1.0)
+    start_step: int = param(5000, ge=0)
+    every: int = param(100, ge=1)
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    max_steps: int = param(500000, ge=1)
+    micro_batch_size: int = param(32, ge=1)
+    grad_accum_steps: int = param(1, ge=1)
+    num_workers: int = param(1, ge=1)
+    # None: use GPUs when the Ray cluster has them.
+    use_gpu: Optional[bool] = None
+    cpus_per_worker: float = param(1.0, gt=0.0)
+    # auto: bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    zero_stage: int = param(2, choices=[1, 2, 3])
+    # torch.compile the model inside the DeepSpeed engine.
+    compile: bool = False
+    log_every: int = param(10, ge=1)
+    checkpoint_every: int = param(1000, ge=1)
+    keep_checkpoints: int = param(3, ge=1)
+    # Consolidated (EMA) export every N steps (and always at the end); 0: only at the end.
+    export_every: int = param(5000, ge=0)
+    max_failures: int = param(3, ge=0)
+    # Resume even if settings that change the weights differ from the run's first start.
+    allow_config_change: bool = False
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    # Sample grid every N steps (and at the end); 0: never.
+    every: int = param(5000, ge=0)
+    num_images: int = param(4, ge=1)
+    # Prompts for Stage C grids decoded through Stage B/A (empty: captions of the preview samples).
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    steps: int = param(20, ge=1)  # DDPM steps of the trained stage's sampler
+    steps_b: int = param(12, ge=1)  # Stage B steps when a Stage C grid is decoded through Stage B
+    guidance: float = param(4.0, ge=0.0)
+    guidance_b: float = param(0.0, ge=0.0)
+    # Image size of decoded Stage C grids (Stage B's latent must fit its U-Net, see stages.sampling).
+    height: int = param(1024, ge=8)
+    width: int = param(1024, ge=8)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CheckpointsConfig:
+    """The other pieces a run is trained against (stages checkpoint directories). Used for decoded
+    sample grids and copied into the export so `pipelines.generate` runs on it. None: taken from the
+    latent dataset's manifest when it records the encoder (text, stage_a, semantic)."""
+
+    text: Optional[str] = None
+    stage_a: Optional[str] = None
+    stage_b: Optional[str] = None
+    stage_c: Optional[str] = None
+    semantic: Optional[str] = None
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    # Dense peak TFLOP/s of one worker's device for the MFU estimate; None: known GPUs by name, else no MFU.
+    peak_tflops: Optional[float] = param(None, gt=0.0)
+
+
+@dataclasses.dataclass
+class FaultConfig:
+    """Chaos drill: SIGKILL worker `kill_rank` once when it reaches step `kill_at_step` (tests use it to
+    prove that Ray Train restarts the worker group from the last checkpoint)."""
+
+    kill_rank: Optional[int] = param(None, ge=0)
+    kill_at_step: Optional[int] = param(None, ge=1)
+
+
+@dataclasses.dataclass
+class PerceptualConfig:
+    # LPIPS-style feature distance on torchvision VGG16 features (first `blocks` conv blocks).
+    network: Literal["vgg16"] = "vgg16"
+    blocks: int = param(5, ge=1, le=5)
+    # Local weights (torchvision vgg16 state dict, safetensors or torch file). Required unless
+    # random_weights is true: a perceptual loss with random weights must be asked for, never silent.
+    weights_path: Optional[str] = None
+    random_weights: bool = False
+
+
+@dataclasses.dataclass
+class DiscriminatorConfig:
+    channels: int = param(64, ge=1)
+    layers: int = param(3, ge=1)
+    lr: float = param(1e-4, gt=0.0)
+
+
+@dataclasses.dataclass
+class StageALossConfig:
+    """Stage A recipe (paper appendix E.1): MSE 1.0 + perceptual 0.1 + VQ (commitment) terms; adversarial
+    weight 0 until `adversarial_start` steps, then `adversarial_weight` (hinge loss, PatchGAN)."""
+
+    mse_weight: float = param(1.0, ge=0.0)
+    perceptual_weight: float = param(0.1, ge=0.0)
+    vq_weight: float = param(1.0, ge=0.0)
+    adversarial_weight: float = param(0.01, ge=0.0)
+    adversarial_start: int = param(10000, ge=0)
+    perceptual: PerceptualConfig = dataclasses.field(default_factory=PerceptualConfig)
+    discriminator: DiscriminatorConfig = dataclasses.field(default_factory=DiscriminatorConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    stage: Literal["a", "b", "c"] = "c"
+    # Stage B/C: a precompute output (latents/<version>); Stage A: a download output (images/<version>).
+    input: Optional[str] = None
+    # Root of the runs (default <data_root>/runs); the run lives in <output>/<run_name>.
+    output: Optional[str] = None
+    # Default: <stage>-<version>. Rerunning the same name resumes the run.
+    run_name: Optional[str] = None
+    data_root: str = dataclasses.field(default_factory=default_data_root)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    checkpoints: CheckpointsConfig = dataclasses.field(default_factory=CheckpointsConfig)
+    stage_a: StageALossConfig = dataclasses.field(default_factory=StageALossConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
+
+    def validate(self) -> None:
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ConfigError(f"run_name: {self.run_name!r} must be a plain directory name")
+        if self.fault.kill_rank is not None and self.fault.kill_rank >= self.train.num_workers:
+            raise ConfigError(f"fault.kill_rank: {self.fault.kill_rank} is not a rank of {self.train.num_workers} workers")
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Everything the workers need besides the config; resolved once by the driver."""
+
+    stage: str
+    run_name: str
+    run_dir: str
+    runs_root: str
+    input_uri: str
+    shapes: dict[str, list[int]]
+    num_samples: int
+    use_gpu: bool
+    bf16: bool
+    tracking_uri: Optional[str]
+    mlflow_run_id: Optional[str]
+    empty_text_emb: Optional[str]
+    companions: dict[str, str]

@@ -1,0 +1,194 @@
+"""The driver's half of a training run: resolve it (`plan_run`: the run name and directory, the input's
+shapes checked against the model, the companion checkpoints), check a resumed run against its `run.json`,
+record the run, and launch the Ray Train `TorchTrainer` whose workers run `pipelines.training.loop`.
+
+The run name defaults to `<stage>-<version>`, the version hashing every setting that changes the weights
+(all but `VERSION_EXCLUDES`) and the input's identity: the same config on the same input resumes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Optional
+
+# torch must be imported before ray.init(): in a `ray job submit` driver with a working_dir runtime env,
+# importing it afterwards aborts with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so". This module
+# imports it, and `pipelines.train` imports this module before its phase starts Ray.
+import torch  # noqa: F401
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines import config as config_lib
+from pipelines import manifest as manifest_lib
+from pipelines import storage
+from pipelines.config import ConfigError
+from pipelines.training.config import RUN_INFO, RUNS_DIR, VERSION_EXCLUDES, RunPlan, TrainConfig
+from pipelines.training.loop import train_worker
+from pipelines.training.specs import STAGES
+
+log = logging.getLogger(__name__)
+
+PHASE = "train"  # the phase's name: part of the version hash, and the MLflow experiment's
+
+
+# --------------------------------------------------------------------------------------------
+# Naming
+
+
+def runs_root(cfg: TrainConfig) -> str:
+    return storage.normalize(cfg.output) if cfg.output else storage.join(cfg.data_root, RUNS_DIR)
+
+
+def require_input(cfg: TrainConfig) -> str:
+    if not cfg.input:
+        raise ConfigError(f"input: required: {STAGES[cfg.stage].input_what}")
+    uri = storage.normalize(cfg.input)
+    if not storage.exists(uri):
+        raise ConfigError(f"input: {uri} does not exist")
+    if not manifest_lib.has_manifest(uri):
+        raise ConfigError(f"input: {uri} has no manifest.json; is the previous phase finished?")
+    return uri
+
+
+def weights_hash(cfg: TrainConfig) -> str:
+    return config_lib.config_hash(cfg, exclude=VERSION_EXCLUDES)
+
+
+def run_name(cfg: TrainConfig, input_id: Optional[str] = None) -> str:
+    """`run_name`, or `<stage>-<version>` (`input_id`: the input's identity, when the caller has it)."""
+    if cfg.run_name:
+        return cfg.run_name
+    if input_id is None:
+        input_id = manifest_lib.input_identity(require_input(cfg))
+    return f"{cfg.stage}-{manifest_lib.version_id(PHASE, cfg, input_id, exclude=VERSION_EXCLUDES)}"
+
+
+def strip_keys(tree: dict, keys: tuple[str, ...]) -> dict:
+    """A copy of the config tree without the dotted `keys` (what run.json records of the settings)."""
+    tree = json.loads(json.dumps(tree))
+    for key in keys:
+        node, parts = tree, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part, {})
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return tree
+
+
+def _flat_differences(old: dict, new: dict) -> list[str]:
+    a, b = config_lib.flatten(old), config_lib.flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+def _companions(cfg: TrainConfig, input_manifest: dict) -> dict[str, str]:
+    """Checkpoint dirs of the other pieces: the config wins, else what the latents were computed with."""
+    found: dict[str, str] = {}
+    encoders = input_manifest.get("encoders") or {}
+    for name in ("text", "stage_a", "stage_b", "stage_c", "semantic"):
+        configured = getattr(cfg.checkpoints, name)
+        if configured:
+            uri = storage.normalize(configured)
+            if not storage.exists(storage.join(uri, "config.json")):
+                raise ConfigError(f"checkpoints.{name}: {uri} is not a stages checkpoint (no config.json)")
+            found[name] = uri
+        elif isinstance(encoders.get(name), dict) and encoders[name].get("checkpoint"):
+            uri = encoders[name]["checkpoint"]
+            if storage.exists(storage.join(uri, "config.json")):
+                found[name] = uri
+    found.pop(STAGES[cfg.stage].kind, None)  # the run's own stage
+    return found
+
+
+def resolve_use_gpu(cfg: TrainConfig, ray) -> bool:
+    """`train.use_gpu`, or None: whether the Ray cluster has GPUs."""
+    if cfg.train.use_gpu is not None:
+        return cfg.train.use_gpu
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
+    """Resolve the run; every problem with the config or the input raises ConfigError naming the key."""
+    spec = STAGES[cfg.stage]
+    input_uri = require_input(cfg)
+    input_manifest = manifest_lib.read(input_uri)
+    model_config = spec.model_config(cfg.model.preset, cfg.model.overrides)
+    if cfg.model.init_from and not storage.exists(storage.join(cfg.model.init_from, "config.json")):
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a stages checkpoint (no config.json)")
+    data = spec.plan_input(cfg, model_config, input_uri, input_manifest)
+    if data.num_samples // cfg.train.num_workers < cfg.train.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size: {cfg.train.micro_batch_size} samples per worker, but {input_uri} "
+                          f"holds {data.num_samples} samples for {cfg.train.num_workers} workers")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+    name = run_name(cfg)
+    root = runs_root(cfg)
+    return RunPlan(stage=cfg.stage, run_name=name, run_dir=storage.join(root, name), runs_root=root,
+                   input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu, bf16=bf16,
+                   tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
+                   companions=_companions(cfg, input_manifest))
+
+
+# --------------------------------------------------------------------------------------------
+# run.json: the run's identity across restarts
+
+
+def read_run_info(run_dir: str) -> Optional[dict]:
+    path = storage.join(run_dir, RUN_INFO)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+def check_resume(cfg: TrainConfig, info: dict, run_dir: str) -> None:
+    """A rerun of an existing run must train the same stage with the same weight-changing settings."""
+    if info.get("stage") != cfg.stage:
+        raise ConfigError(f"run_name: {run_dir} is a Stage {str(info.get('stage')).upper()} run, "
+                          f"this config trains Stage {cfg.stage.upper()}")
+    if info.get("weights_hash") != weights_hash(cfg) and not cfg.train.allow_config_change:
+        changed = _flat_differences(info.get("config", {}), strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES))
+        raise ConfigError(
+            f"run_name: {run_dir} was started with different settings ({', '.join(changed) or 'unknown keys'}); "
+            f"resuming would mix two recipes. Use a new run_name, or set train.allow_config_change=true")
+
+
+def record_run(cfg: TrainConfig, plan: RunPlan, info: Optional[dict]) -> None:
+    """Write run.json at the run's first start (or when its MLflow run changed) and the resolved config."""
+    if info is None or info.get("mlflow_run_id") != plan.mlflow_run_id:
+        storage.makedirs(plan.run_dir)
+        storage.write_json(storage.join(plan.run_dir, RUN_INFO), {
+            "run_name": plan.run_name, "stage": cfg.stage, "mlflow_run_id": plan.mlflow_run_id,
+            "tracking_uri": plan.tracking_uri, "input": plan.input_uri,
+            "input_identity": manifest_lib.input_identity(plan.input_uri), "weights_hash": weights_hash(cfg),
+            "config": strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES), "code_version": manifest_lib.code_version(),
+        })
+    manifest_lib.save_config(plan.run_dir, config_lib.to_dict(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def fit(cfg: TrainConfig, plan: RunPlan):
+    """Run the workers to max_steps (resuming from the run's latest checkpoint); returns Ray Train's Result."""
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if plan.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        # By reference from an importable module: under `python -m pipelines.train` that file is
+        # __main__, and cloudpickle would ship __main__'s functions by value, without their imports.
+        train_worker,
+        train_loop_config={"config": config_lib.to_dict(cfg), "plan": dataclasses.asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.run_name, storage_path=plan.runs_root,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result

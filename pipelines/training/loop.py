@@ -1,0 +1,214 @@
+"""The training loop of one Ray Train worker (`train_worker`, Ray Train's train_loop_per_worker).
+
+The loop is the same for every stage; the stage's runner (from its `StageSpec`) builds the engines and
+the data stream and runs a step. Around the steps the loop keeps the EMA, logs the interval metrics
+(rank 0 to MLflow), saves a checkpoint every `checkpoint_every` steps (and at the end) through
+`ray.train.report`, resumes from the latest one, writes the (EMA) export every `export_every` steps and
+at the end, draws sample grids, records the data trace and runs the fault drill.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from pipelines import config as config_lib
+from pipelines import storage
+from pipelines.phase import setup_logging
+from pipelines.training import checkpoint
+from pipelines.training.config import EXPORT_DIR, TRACE_DIR, RunPlan, TrainConfig
+from pipelines.training.ema import ShardedEma
+from pipelines.training.engine import ensure_extensions_dir, full_fp32_state_dict
+from pipelines.training.metrics import IntervalMetrics, peak_tflops_for
+from pipelines.training.runner import Runner
+from pipelines.training.specs import STAGES
+
+log = logging.getLogger(__name__)
+
+
+def make_runner(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, device: torch.device) -> Runner:
+    return STAGES[cfg.stage].runner(cfg, plan, rank, world, device)
+
+
+class WorkerLoop:
+    """The training loop of one Ray Train worker; the stage-specific parts come from a runner."""
+
+    def __init__(self, cfg: TrainConfig, plan: RunPlan):
+        self.cfg, self.plan = cfg, plan
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        ensure_extensions_dir()
+        self.device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.runner = make_runner(cfg, plan, self.rank, self.world, self.device)
+        self.engine = self.runner.engines["model"]
+        self.ema = None
+        if cfg.ema.enabled:
+            self.ema = ShardedEma(self.engine, decay=cfg.ema.decay, start_step=cfg.ema.start_step,
+                                  every=cfg.ema.every)
+        self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps  # per rank
+        self.step = 0
+        self.trace: list[str] = []
+        self.mlflow = None
+        self.interval = IntervalMetrics(world=self.world, samples_per_step=self.samples_per_step,
+                                        num_samples=plan.num_samples, device=self.device)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="wurst-ckpt-") as tmp:
+            state = None
+            if self.rank == 0:
+                state = {"step": self.step, "samples_per_rank": self.step * self.samples_per_step,
+                         "world_size": self.world, "zero_stage": self.cfg.train.zero_stage,
+                         "engines": sorted(self.runner.engines), "ema": self.ema is not None,
+                         "mlflow_run_id": self.plan.mlflow_run_id}
+            checkpoint.save(tmp, engines=self.runner.engines, generator=self.runner.generator, ema=self.ema,
+                            rank=self.rank, train_state=state)
+            self._flush_trace()
+            ray.train.report({"step": self.step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
+
+    def restore(self) -> None:
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return
+        with latest.as_directory() as directory:
+            self.step = checkpoint.restore(directory, engines=self.runner.engines, generator=self.runner.generator,
+                                           ema=self.ema, rank=self.rank, world=self.world,
+                                           zero_stage=self.cfg.train.zero_stage)
+        log.info("rank %d: resumed at step %d", self.rank, self.step)
+
+    # ---------------------------------------------------------------- consolidated weights
+    def full_weights(self) -> Optional[dict]:
+        """Full fp32 (EMA if enabled) weights on rank 0; collective."""
+        if self.ema is not None:
+            return self.ema.full_state_dict()
+        return full_fp32_state_dict(self.engine)
+
+    def export(self, state: Optional[dict]) -> None:
+        if self.rank == 0:
+            with torch.random.fork_rng(devices=[]):  # building modules must not move the training RNG
+                self.runner.write_export(state, storage.join(self.plan.run_dir, EXPORT_DIR), self.step,
+                                         ema=self.ema is not None)
+
+    def sample_grid(self, state: Optional[dict]) -> None:
+        if self.rank == 0 and self.mlflow is not None:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                grid = self.runner.sample_grid(state, self.step)
+            if grid is not None:
+                self.mlflow.log_image(grid, key="samples", step=self.step)
+
+    # ---------------------------------------------------------------- logging
+    def _start_mlflow(self) -> None:
+        if self.rank != 0 or not self.plan.mlflow_run_id:
+            return
+        import mlflow  # here: rank 0 alone logs, the other ranks do not pay for importing MLflow
+
+        mlflow.set_tracking_uri(self.plan.tracking_uri)
+        mlflow.start_run(run_id=self.plan.mlflow_run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
+        self.mlflow = mlflow
+
+    def _log_params(self) -> None:
+        """Rank 0: what the throughput metrics are computed from (logged once, at the run's first start)."""
+        flops = self.interval.flops_per_sample = self.runner.flops_per_sample()
+        self.interval.peak_tflops = peak_tflops_for(self.device, self.cfg.metrics.peak_tflops)
+        if self.mlflow is not None and self.step == 0:
+            self.mlflow.log_params({"derived.flops_per_sample": f"{flops:.4g}",
+                                    "derived.world_size": self.world,
+                                    "derived.device": str(self.device),
+                                    "derived.precision": "bf16" if self.plan.bf16 else "fp32",
+                                    "derived.num_samples": self.plan.num_samples})
+
+    def _log(self) -> dict[str, float]:
+        """Average the interval's metrics over steps and ranks; rank 0 writes them to MLflow."""
+        out = self.interval.reduce(self.step)
+        if self.rank == 0:
+            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
+            if self.mlflow is not None:
+                self.mlflow.log_metrics(out, step=self.step)
+        return out
+
+    def _flush_trace(self) -> None:
+        if not self.trace:
+            return
+        first, last = json.loads(self.trace[0])["step"], json.loads(self.trace[-1])["step"]
+        path = storage.join(self.plan.run_dir, TRACE_DIR, f"rank-{self.rank:05d}-steps-{first:09d}-{last:09d}.jsonl")
+        storage.write_text(path, "\n".join(self.trace) + "\n")
+        self.trace = []
+
+    def _maybe_inject_fault(self) -> None:
+        fault = self.cfg.fault
+        if fault.kill_at_step is None or self.step + 1 != fault.kill_at_step or self.rank != (fault.kill_rank or 0):
+            return
+        marker = storage.join(self.plan.run_dir, f".fault-injected-step-{fault.kill_at_step}")
+        if storage.exists(marker):
+            return
+        storage.write_text(marker, f"rank {self.rank} killed itself before step {fault.kill_at_step}\n")
+        log.warning("fault drill: SIGKILL rank %d before step %d", self.rank, fault.kill_at_step)
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> None:
+        cfg = self.cfg
+        self.restore()
+        self._start_mlflow()
+        try:
+            if self.rank == 0:
+                self._log_params()
+            batches = self.runner.batches(start_sample=self.step * self.samples_per_step)
+            last_metrics: dict[str, float] = {}
+            while self.step < cfg.train.max_steps:
+                self._maybe_inject_fault()
+                started = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+                metrics = self.runner.train_step(self.step + 1, micro)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.step)
+                if cfg.data.trace:
+                    ids = [i for m in micro for i in self.runner.sample_ids(m)]
+                    self.trace.append(json.dumps({"step": self.step, "ids": ids}))
+                self.interval.add(metrics, time.perf_counter() - started)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    last_metrics = self._log()
+                sample_due = cfg.sampling.every and self.step % cfg.sampling.every == 0
+                export_due = cfg.train.export_every and self.step % cfg.train.export_every == 0
+                if (sample_due or export_due) and self.step != cfg.train.max_steps:
+                    state = self.full_weights()
+                    if export_due:
+                        self.export(state)
+                    if sample_due:
+                        self.sample_grid(state)
+                    del state
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                    self.save_checkpoint(last_metrics)
+            state = self.full_weights()
+            self.export(state)
+            if cfg.sampling.every:
+                self.sample_grid(state)
+            if dist.is_initialized():
+                dist.barrier()
+        finally:
+            if self.mlflow is not None:
+                self.mlflow.end_run()
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: {"config": TrainConfig as a dict, "plan": RunPlan as a dict}."""
+    setup_logging()
+    cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
+    plan = RunPlan(**loop_config["plan"])
+    WorkerLoop(cfg, plan).run()

@@ -1,0 +1,296 @@
+"""What differs between the stages the trainer trains, in one place: `STAGES`, one `StageSpec` per stage.
+
+A spec names the stage's model (config class, presets, overrides), the input it reads and how that
+input is checked against the model, its objective (Stage B / C: from `stages.diffusion`), one sample's
+inputs and forward for FLOP counting, its sample grid, and the runner class that trains it. The driver,
+the loop and the metrics never branch on the stage: they ask its spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from pipelines import image_shards, storage
+from pipelines.config import ConfigError
+from pipelines.generate import GenerationModels, generate_images
+from pipelines.training.config import DataConfig, PerceptualConfig, TrainConfig
+from pipelines.training.diffusion import DiffusionRunner
+from pipelines.training.preview import PreviewContext, image_grid, latent_to_image
+from pipelines.training.runner import Runner
+from pipelines.training.stage_a import StageARunner
+from stages import diffusion, sampling
+from stages.semantic import to_stage_c
+from stages.stage_a import StageA, StageAConfig
+from stages.stage_b import StageB, StageBConfig
+from stages.stage_c import StageC, StageCConfig
+
+
+@dataclasses.dataclass
+class InputPlan:
+    """What the driver learns from the input dataset: tensor shapes, size, the empty caption's embedding."""
+
+    shapes: dict[str, list[int]]
+    num_samples: int
+    empty_text_emb: Optional[str] = None
+
+
+class StageSpec:
+    name: ClassVar[str]  # "a" | "b" | "c": the config's `stage`
+    kind: ClassVar[str]  # the stages checkpoint kind it exports
+    config_class: ClassVar[type]
+    model_class: ClassVar[type[nn.Module]]
+    input_what: ClassVar[str]  # what `input` must name (for the error when it is missing)
+    id_column: ClassVar[str]  # a batch's sample ids (the data trace)
+    runner_class: ClassVar[type[Runner]]
+
+    @property
+    def label(self) -> str:
+        return f"Stage {self.name.upper()}"
+
+    # ------------------------------------------------------------ model
+    def presets(self) -> dict[str, Callable[[], Any]]:
+        return {"tiny": self.config_class.tiny, "paper": self.config_class.paper}
+
+    def model_config(self, preset: str, overrides: dict[str, Any]):
+        """The stage's config dataclass: the named preset with `overrides` applied; errors name the key."""
+        cls, presets = self.config_class, self.presets()
+        if preset not in presets:
+            raise ConfigError(f"model.preset: unknown {self.label} preset {preset!r}; choose one of {sorted(presets)}")
+        base = dataclasses.asdict(presets[preset]())
+        known = set(base)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"model.overrides.{unknown[0]}: not a {cls.__name__} field (fields: {', '.join(sorted(known))})")
+        try:
+            return cls.from_dict({**base, **overrides})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.overrides: {exc}") from None
+
+    def build_model(self, config, gradient_checkpointing: bool = False) -> nn.Module:
+        return self.model_class(config, gradient_checkpointing=gradient_checkpointing)
+
+    def runner(self, cfg: TrainConfig, plan, rank: int, world: int, device: torch.device) -> Runner:
+        return self.runner_class(self, cfg, plan, rank, world, device)
+
+    # ------------------------------------------------------------ input
+    def plan_input(self, cfg: TrainConfig, model_config, input_uri: str, manifest: dict) -> InputPlan:
+        """Check the input dataset against the model and the config (ConfigError naming the key)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ FLOP counting
+    def example_inputs(self, shapes: dict[str, tuple[int, ...]], batch: int = 1) -> dict[str, torch.Tensor]:
+        """Random inputs of the dataset's shapes (on the current default device, e.g. meta)."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+        """The training forward of one batch of `example_inputs` (r: the diffusion time)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Stage B / C: diffusion on cached latents
+
+
+class DiffusionSpec(StageSpec):
+    input_what = "a precompute output (latents/<version>)"
+    id_column = "uid"
+    runner_class = DiffusionRunner
+    tensor_columns: ClassVar[tuple[str, ...]]  # the latent columns the model reads
+    text_width_field: ClassVar[str]  # the model config field text_emb's width must equal
+    semantic_channels_field: ClassVar[str]  # ... and the semantic latent's channels
+
+    @property
+    def latent_columns(self) -> tuple[str, ...]:
+        return ("uid", *self.tensor_columns)
+
+    def latent_shapes(self, config, columns: dict[str, dict], source: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensor columns this stage reads, checked against the model config; a mismatch
+        raises ConfigError naming the dataset, the column and both shapes."""
+        needed = list(self.tensor_columns)
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ConfigError(f"input: {source} has no column(s) {missing} needed by {self.label} "
+                              f"(it has {sorted(columns)}); precompute them with outputs {needed}")
+        shapes = {c: tuple(int(d) for d in columns[c]["shape"]) for c in needed}
+        self.check_shapes(config, shapes, source)
+        return shapes
+
+    def check_shapes(self, config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        text, semantic = shapes["text_emb"], shapes["semantic"]
+        width, channels = getattr(config, self.text_width_field), getattr(config, self.semantic_channels_field)
+        if len(text) != 2 or text[1] != width:
+            raise ConfigError(f"input: {source} column text_emb has shape {text}, {self.label} expects (tokens, "
+                              f"{width}) (model {self.text_width_field})")
+        if len(semantic) != 3 or semantic[0] != channels:
+            raise ConfigError(f"input: {source} column semantic has shape {semantic}, {self.label} expects "
+                              f"({channels}, h, w) (model {self.semantic_channels_field})")
+
+    def plan_input(self, cfg: TrainConfig, model_config, input_uri: str, manifest: dict) -> InputPlan:
+        shapes = {k: list(v) for k, v in self.latent_shapes(model_config, manifest.get("columns") or {},
+                                                            input_uri).items()}
+        num_samples = sum(int(s["rows"]) for s in manifest.get("shards") or [])
+        empty_text = None
+        entry = manifest.get("empty_text_emb")
+        if isinstance(entry, dict) and entry.get("file"):
+            empty_text = storage.join(input_uri, entry["file"])
+        if cfg.data.text_dropout > 0 and empty_text is None:
+            raise ConfigError(f"data.text_dropout: {cfg.data.text_dropout} needs the empty-caption embedding, but "
+                              f"{input_uri}/manifest.json has no 'empty_text_emb' entry")
+        return InputPlan(shapes, num_samples, empty_text)
+
+    def example_inputs(self, shapes: dict[str, tuple[int, ...]], batch: int = 1) -> dict[str, torch.Tensor]:
+        return {c: torch.randn(batch, *shapes[c]) for c in self.tensor_columns}
+
+    def loss(self, model, batch: dict[str, torch.Tensor], *, text_uncond: Optional[torch.Tensor],
+             data_cfg: DataConfig, generator: torch.Generator):
+        """(p2-weighted loss, per-sample LossParts) on a micro-batch of latents."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def preview(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: PreviewContext):
+        """Sample grid from the preview batch: row 1 the dataset's latents, row 2 the model's samples
+        for the same conditioning."""
+        generator = torch.Generator().manual_seed(ctx.sampling.seed)
+        device = next(model.parameters()).device
+        text = batch["text_emb"].to(device, torch.float32)
+        uncond = ctx.text_uncond.to(device, torch.float32) if ctx.text_uncond is not None else None
+        guidance = ctx.sampling.guidance if uncond is not None else 1.0  # no empty-caption embedding: conditional only
+        return self.latent_grid(model, batch, text, uncond, guidance=guidance, generator=generator, ctx=ctx)
+
+    def latent_grid(self, model, batch, text, uncond, *, guidance: float, generator: torch.Generator,
+                    ctx: PreviewContext):
+        raise NotImplementedError
+
+
+class StageCSpec(DiffusionSpec):
+    name, kind = "c", "stage_c"
+    config_class, model_class = StageCConfig, StageC
+    tensor_columns = ("text_emb", "semantic")
+    text_width_field, semantic_channels_field = "c_cond", "c_in"
+
+    def presets(self) -> dict[str, Callable[[], Any]]:
+        cls = self.config_class
+        return {**super().presets(), "paper-clip-h": lambda: cls.paper("clip-h"),
+                "paper-clip-bigg": lambda: cls.paper("clip-bigg")}
+
+    def loss(self, model, batch, *, text_uncond, data_cfg, generator):
+        x0 = to_stage_c(batch["semantic"].float()).to(batch["semantic"].dtype)
+        return diffusion.stage_c_loss(model, x0, batch["text_emb"], text_uncond=text_uncond,
+                                      text_dropout=data_cfg.text_dropout, generator=generator)
+
+    def forward(self, model, inputs, r):
+        return model(inputs["semantic"], r, inputs["text_emb"])
+
+    def preview(self, model, batch, ctx: PreviewContext):
+        """With the run's text encoder, Stage B and Stage A at hand: images generated from the prompts
+        (or the preview batch's captions); else the latent grid."""
+        if not ctx.available >= {"stage_b", "stage_a", "text"}:
+            return super().preview(model, batch, ctx)
+        samp = ctx.sampling
+        text = ctx.load("text")
+        models = GenerationModels(stage_c=model, stage_b=ctx.load("stage_b"), stage_a=ctx.load("stage_a"),
+                                  text_c=text, text_b=text, sources={"stage_c": ctx.source})
+        prompts = list(samp.prompts) or list(batch["caption"])
+        result = generate_images(prompts, models=models, n=1, height=samp.height, width=samp.width,
+                                 seed=samp.seed, steps_c=samp.steps, steps_b=samp.steps_b,
+                                 guidance_c=samp.guidance, guidance_b=samp.guidance_b,
+                                 batch_size=samp.num_images, device=ctx.device)
+        return result.grid
+
+    def latent_grid(self, model, batch, text, uncond, *, guidance, generator, ctx):
+        real = to_stage_c(batch["semantic"].float())
+        fake = sampling.sample_stage_c(model, text, uncond, shape=tuple(real.shape), timesteps=ctx.sampling.steps,
+                                       guidance=guidance, generator=generator)
+        return image_grid([latent_to_image(real), latent_to_image(fake.cpu())])
+
+
+class StageBSpec(DiffusionSpec):
+    name, kind = "b", "stage_b"
+    config_class, model_class = StageBConfig, StageB
+    tensor_columns = ("text_emb", "semantic", "stage_a")
+    text_width_field, semantic_channels_field = "clip_embd", "effnet_embd"
+
+    def check_shapes(self, config, shapes, source) -> None:
+        super().check_shapes(config, shapes, source)
+        stage_a, multiple = shapes["stage_a"], config.latent_multiple
+        if len(stage_a) != 3 or stage_a[0] != config.c_in or stage_a[1] % multiple or stage_a[2] % multiple:
+            raise ConfigError(f"input: {source} column stage_a has shape {stage_a}, {self.label} expects "
+                              f"({config.c_in}, H, W) with H and W multiples of {multiple}")
+
+    def loss(self, model, batch, *, text_uncond, data_cfg, generator):
+        return diffusion.stage_b_loss(
+            model, batch["stage_a"], batch["semantic"], batch["text_emb"], text_uncond=text_uncond,
+            text_dropout=data_cfg.text_dropout, effnet_dropout=data_cfg.effnet_dropout,
+            effnet_noise_probability=data_cfg.effnet_noise_probability,
+            effnet_noise_max_t=data_cfg.effnet_noise_max_t, generator=generator)
+
+    def forward(self, model, inputs, r):
+        return model(inputs["stage_a"], r, inputs["semantic"], inputs["text_emb"])
+
+    def latent_grid(self, model, batch, text, uncond, *, guidance, generator, ctx):
+        """Stage B latents are decoded through the run's Stage A when it has one."""
+        stage_a = ctx.load("stage_a") if "stage_a" in ctx.available else None
+        real = batch["stage_a"].float()
+        fake = sampling.sample_stage_b(model, batch["semantic"].float(), text, uncond, shape=tuple(real.shape),
+                                       timesteps=ctx.sampling.steps, guidance=guidance, generator=generator).cpu()
+        if stage_a is None:
+            return image_grid([latent_to_image(real), latent_to_image(fake)])
+        a_device = next(stage_a.parameters()).device
+        decoded = [stage_a.decode(x.to(a_device)).float().clamp(0, 1).cpu() for x in (real, fake)]
+        return image_grid(decoded)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage A: the VQGAN, from image shards
+
+
+def check_perceptual_config(perceptual: PerceptualConfig) -> None:
+    if perceptual.weights_path is None and not perceptual.random_weights:
+        raise ConfigError(
+            "stage_a.perceptual.weights_path: required (a local torchvision vgg16 state dict, .safetensors or "
+            ".pth); to train with a randomly initialised perceptual network (tests only) set "
+            "stage_a.perceptual.random_weights=true")
+    if perceptual.weights_path is not None and perceptual.random_weights:
+        raise ConfigError("stage_a.perceptual.random_weights: true contradicts stage_a.perceptual.weights_path; "
+                          "set only one")
+    if perceptual.weights_path is not None and not storage.exists(perceptual.weights_path):
+        raise ConfigError(f"stage_a.perceptual.weights_path: {perceptual.weights_path} does not exist")
+
+
+class StageASpec(StageSpec):
+    name, kind = "a", "stage_a"
+    config_class, model_class = StageAConfig, StageA
+    input_what = "a download output (images/<version>)"
+    id_column = "key"
+    runner_class = StageARunner
+
+    def build_model(self, config, gradient_checkpointing: bool = False) -> nn.Module:
+        model = StageA(config)
+        model.gradient_checkpointing = gradient_checkpointing
+        return model
+
+    def plan_input(self, cfg: TrainConfig, model_config, input_uri: str, manifest: dict) -> InputPlan:
+        try:
+            num_samples = image_shards.count_images(input_uri)
+        except image_shards.ImageShardError as exc:
+            raise ConfigError(f"input: {exc}") from None
+        shapes = {"images": [cfg.data.crop_size, cfg.data.crop_size]}
+        if cfg.stage_a.perceptual_weight > 0:
+            check_perceptual_config(cfg.stage_a.perceptual)
+        if cfg.data.crop_size % model_config.downscale:
+            raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not divisible by Stage A's downscale "
+                              f"{model_config.downscale}")
+        return InputPlan(shapes, num_samples)
+
+    def example_inputs(self, shapes, batch: int = 1):
+        return {"images": torch.rand(batch, 3, *shapes["images"])}
+
+    def forward(self, model, inputs, r):
+        return model(inputs["images"]).reconstruction
+
+
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (StageASpec(), StageBSpec(), StageCSpec())}
