@@ -49,7 +49,8 @@ def run_workflow(cluster, config_path: str, timeout: float = 1500) -> dict:
     out = subprocess.run([sys.executable, "-m", "pipelines.workflow", "--config", config_path, "--submit"],
                          cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"workflow failed:\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
-    return json.loads(out.stdout[out.stdout.rindex("\n{") + 1:])
+    # Logs go to stderr; stdout ends with the workflow's JSON summary.
+    return json.loads(out.stdout[out.stdout.rfind("\n{") + 1:])
 
 
 def submit_small_demo(ray_cluster, base) -> dict:
