@@ -1,101 +1,72 @@
-"""Training throughput per stage and preset: samples/s, TFLOP/s and MFU of one training step.
+"""Training throughput of the real trainer path: samples/s, TFLOP/s, MFU, peak memory, loader wait.
 
-    python bench/train.py                      # CPU: tiny presets of Stage C, B and A
-    python bench/train.py --paper              # GPU: Stage C paper at 12x12 and 24x24, Stage B paper at
-                                               # 4x128x128 (512 px), Stage A paper (18.4M) on 128 px crops;
-                                               # bf16 autocast, each with/without torch.compile and
-                                               # activation checkpointing, plus the largest micro-batch
-                                               # that fits; projected GPU-hours for the paper's 1.42B
-                                               # Stage C samples.
+    python bench/train.py                 # GPU: paper Stage C at 12x12 and 24x24, Stage B at 4x128x128,
+                                          # bf16 (fp32 weights + autocast), micro-batch sweep
+    python bench/train.py --tiny          # CPU: tiny presets, a short sweep (the test runs it with --json)
+    python bench/train.py --cases c24 --batches 32,64,96 --precision bf16-weights --peak-tflops 989
 
-What is timed is a plain PyTorch training step on one device -- forward, p2-weighted loss (the
-trainer's own objective functions), backward, gradient clipping, AdamW step -- with torch and our
-code alone: no Ray, no DeepSpeed (ZeRO-2 adds gradient reduce-scatter / all-gather traffic on top
-of this; on one GPU that is a no-op). FLOPs per sample are model FLOPs (forward + backward, no
-activation recomputation) counted with torch's FlopCounterMode on the meta device, so MFU does not
-reward recomputation. The peak comes from --peak-tflops or a table of known GPUs (dense bf16).
+What is timed is what a worker of `python -m pipelines.train` runs per step, in one process with
+`torch.distributed` at world size 1 and no Ray: the run plan (`plan_run`), the stage's runner with its
+DeepSpeed engine (`make_engine`: ZeRO-2, the configured precision, fused AdamW on GPU), its latent reader
+behind the DataLoader (`runner.batches`, real parquet shards written here with the real writer) and its
+`train_step` (forward, p2-weighted loss, backward, clipping, optimizer step). Needs torch, DeepSpeed,
+pyarrow, safetensors and PyYAML; not Ray or MLflow. FLOPs are model FLOPs from
+`pipelines.training.flops` (no recomputation counted); the peak comes from --peak-tflops or the table of
+known GPUs (dense bf16).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
+import json
 import os
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.training.metrics import peak_tflops_for, training_flops_per_sample  # noqa: E402
-from pipelines.training.specs import STAGES  # noqa: E402
+from pipelines import config as config_lib  # noqa: E402
+from pipelines.training.config import TrainConfig  # noqa: E402
+from pipelines.training.driver import plan_run  # noqa: E402
+from pipelines.training.loop import make_runner  # noqa: E402
+from pipelines.training.metrics import peak_tflops_for  # noqa: E402
+from pipelines.training.session import LocalSession  # noqa: E402
+from synthetic import write_dataset  # noqa: E402  (bench/synthetic.py)
 
 PAPER_STAGE_C_SAMPLES = 1.42e9
-PAPER_STAGE_C_A100_HOURS = 24602
 
 
 @dataclasses.dataclass
 class Case:
+    key: str
     name: str
     stage: str
     preset: str
     shapes: dict[str, tuple[int, ...]]
-    batch: int
+    batches: tuple[int, ...]
 
 
-def cases(paper: bool, batch: int | None) -> list[Case]:
-    if not paper:
+def all_cases(tiny: bool) -> list[Case]:
+    if tiny:
         return [
-            Case("C tiny 8x8", "c", "tiny", {"text_emb": (77, 32), "semantic": (16, 8, 8)}, batch or 8),
-            Case("B tiny 4x32x32", "b", "tiny", {"text_emb": (77, 32), "semantic": (16, 8, 8), "stage_a": (4, 32, 32)},
-                 batch or 8),
-            Case("A tiny 32px", "a", "tiny", {"images": (32, 32)}, batch or 8),
+            Case("c", "C tiny 16x4x4", "c", "tiny", {"text_emb": (77, 32), "semantic": (16, 4, 4)}, (2, 4)),
+            Case("b", "B tiny 4x16x16", "b", "tiny",
+                 {"text_emb": (77, 32), "semantic": (16, 4, 4), "stage_a": (4, 16, 16)}, (2, 4)),
         ]
     return [
-        Case("C paper 12x12", "c", "paper", {"text_emb": (77, 1024), "semantic": (16, 12, 12)}, batch or 64),
-        Case("C paper 24x24", "c", "paper", {"text_emb": (77, 1024), "semantic": (16, 24, 24)}, batch or 32),
-        Case("B paper 4x128x128", "b", "paper", {"text_emb": (77, 1024), "semantic": (16, 12, 12), "stage_a": (4, 128, 128)},
-             batch or 16),
-        Case("A paper 128px", "a", "paper", {"images": (128, 128)}, batch or 64),
+        Case("c12", "C paper 16x12x12", "c", "paper", {"text_emb": (77, 1024), "semantic": (16, 12, 12)},
+             (64, 128, 256, 384)),
+        Case("c24", "C paper 16x24x24", "c", "paper", {"text_emb": (77, 1024), "semantic": (16, 24, 24)},
+             (16, 32, 64, 96)),
+        Case("b128", "B paper 4x128x128", "b", "paper",
+             {"text_emb": (77, 1024), "semantic": (16, 12, 12), "stage_a": (4, 128, 128)}, (8, 16, 32, 48)),
     ]
-
-
-def make_step(case: Case, device: torch.device, bf16: bool, compile_model: bool, checkpointing: bool):
-    """A closure running one training step on random inputs of the case's shapes."""
-    spec = STAGES[case.stage]
-    config = spec.model_config(case.preset, {})
-    model = spec.build_model(config, gradient_checkpointing=checkpointing).to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    forward = torch.compile(model) if compile_model else model
-    generator = torch.Generator().manual_seed(0)
-    if case.stage == "a":
-        batch = {"images": torch.rand(case.batch, 3, *case.shapes["images"], device=device)}
-    else:
-        with torch.device(device):
-            batch = spec.example_inputs(case.shapes, batch=case.batch)
-    # No empty-caption embedding in a benchmark, so no text dropout (a torch.where: no measurable cost).
-    data_cfg = argparse.Namespace(text_dropout=0.0, effnet_dropout=0.05, effnet_noise_probability=0.3,
-                                  effnet_noise_max_t=0.5)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
-
-    def step() -> None:
-        with autocast:
-            if case.stage == "a":
-                out = forward(batch["images"])
-                loss = out.loss
-            else:
-                loss, _ = spec.loss(forward, batch, text_uncond=None, data_cfg=data_cfg, generator=generator)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, config
 
 
 def sync(device: torch.device) -> None:
@@ -103,113 +74,120 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step, device: torch.device, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def fits(case: Case, device, bf16: bool, checkpointing: bool) -> bool:
+def measure(case: Case, batch: int, args, session: LocalSession, device: torch.device, data: str, root: str) -> dict:
+    overrides = [f"stage={case.stage}", f"model.preset={case.preset}", f"input={data}", f"data_root={root}",
+                 f"run_name=bench-{case.key}-{batch}", "train.num_workers=1", f"train.micro_batch_size={batch}",
+                 f"train.precision={args.precision}", f"train.zero_stage={args.zero_stage}",
+                 f"data.loader_workers={args.loader_workers}", "data.shuffle_window=1024",
+                 f"model.gradient_checkpointing={'true' if args.checkpointing else 'false'}",
+                 f"train.compile={'true' if args.compile else 'false'}", "optim.warmup_steps=10"]
+    cfg = config_lib.load(TrainConfig, None, overrides)
+    plan = plan_run(cfg, use_gpu=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = make_runner(cfg, plan, 0, 1, device)
+    batches = None
     try:
-        step, _ = make_step(case, device, bf16, False, checkpointing)
-        step()
-        step()
+        batches = runner.batches(start_sample=0)
+        waited = 0.0
+
+        def step(n: int) -> dict:
+            nonlocal waited
+            started = time.perf_counter()
+            micro = [next(batches)]
+            waited += time.perf_counter() - started
+            return runner.train_step(n, micro)
+
+        for n in range(1, args.warmup + 1):
+            step(n)
         sync(device)
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
+        waited = 0.0
+        started = time.perf_counter()
+        for n in range(args.warmup + 1, args.warmup + args.steps + 1):
+            metrics = step(n)
+        loss = float(metrics["loss"])  # waits for the last step
+        sync(device)
+        seconds = time.perf_counter() - started
+        flops = runner.flops_per_sample()
+        return {"rate": batch * args.steps / seconds, "flops": flops, "loss": loss, "wait": waited / seconds,
+                "mem": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     finally:
+        batches = runner = None  # stops the loader workers, frees the engine  # noqa: F841
         gc.collect()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def largest_batch(case: Case, device, bf16: bool, checkpointing: bool, limit: int = 4096) -> int:
-    """Largest micro-batch (powers of two, then a bisection) whose training step runs without OOM."""
-    lo, hi = 0, 1
-    while hi <= limit and fits(dataclasses.replace(case, batch=hi), device, bf16, checkpointing):
-        lo, hi = hi, hi * 2
-    while hi - lo > max(1, lo // 8):  # within 12.5%
-        mid = (lo + hi) // 2
-        if fits(dataclasses.replace(case, batch=mid), device, bf16, checkpointing):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--paper", action="store_true", help="paper presets (needs a GPU)")
-    parser.add_argument("--stages", default="c,b,a", help="comma-separated stages to run")
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default per case)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 5 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 5 with compile)")
+    parser.add_argument("--tiny", action="store_true", help="tiny presets on CPU (seconds)")
+    parser.add_argument("--cases", default=None, help="comma list of case keys (default: all)")
+    parser.add_argument("--batches", default=None, help="comma list of micro-batches (default: per case)")
+    parser.add_argument("--precision", default=None, choices=["bf16", "bf16-weights", "fp32"],
+                        help="train.precision (default bf16)")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--loader-workers", type=int, default=None, help="default 4 on GPU, 0 with --tiny")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 3 tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 tiny)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile inside the engine")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    parser.add_argument("--variants", default=None,
-                        help="comma list of eager,compile,ckpt,compile+ckpt (default: all on GPU, eager on CPU)")
-    parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-micro-batch search")
+    parser.add_argument("--json", action="store_true", help="also print one JSON object per measurement")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.paper and device.type != "cuda":
-        parser.exit(2, "--paper needs a GPU (the paper presets take minutes per step on a CPU)\n")
-    bf16 = device.type == "cuda"
+    use_gpu = torch.cuda.is_available() and not args.tiny
+    if not args.tiny and not use_gpu:
+        parser.exit(2, "bench/train.py: the paper presets need a GPU; use --tiny on a CPU\n")
+    args.precision = args.precision or "bf16"
+    args.steps = args.steps or (3 if args.tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    args.loader_workers = args.loader_workers if args.loader_workers is not None else (0 if args.tiny else 4)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    variants = (args.variants or ("eager,compile,ckpt,compile+ckpt" if device.type == "cuda" else "eager")).split(",")
-    steps = args.steps or (10 if device.type == "cuda" else 5)
-    peak = peak_tflops_for(device, args.peak_tflops)
-    wanted = set(args.stages.split(","))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}; precision: {'bf16 autocast' if bf16 else 'fp32'}; peak: "
-          f"{f'{peak:.0f} TFLOP/s' if peak else 'n/a (no MFU)'}; torch {torch.__version__}")
-    print(f"{'case':<20} {'variant':<13} {'batch':>5} {'GFLOP/sample':>12} {'samples/s':>10} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'peak mem GB':>11}")
-    results: dict[tuple[str, str], float] = {}
-    for case in cases(args.paper, args.batch):
-        if case.stage not in wanted:
-            continue
-        spec = STAGES[case.stage]
-        flops = training_flops_per_sample(spec, spec.model_config(case.preset, {}), case.shapes)
-        for variant in variants:
-            compile_model, checkpointing = "compile" in variant, "ckpt" in variant
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                step, _ = make_step(case, device, bf16, compile_model, checkpointing)
-                warmup = args.warmup if args.warmup is not None else (5 if compile_model else 3)
-                seconds = measure(step, device, warmup, steps)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{case.name:<20} {variant:<13} {case.batch:>5}  out of memory")
-                continue
-            finally:
-                gc.collect()
-                if device.type == "cuda":
+    cases = [c for c in all_cases(args.tiny) if args.cases is None or c.key in args.cases.split(",")]
+    with tempfile.TemporaryDirectory(prefix="wurst-bench-train-") as root:
+        session = LocalSession(os.path.join(root, "session"))
+        device = session.device(use_gpu)
+        peak = peak_tflops_for(device, args.peak_tflops)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+        print(f"device: {name}; precision: {args.precision}; ZeRO-{args.zero_stage}; peak: "
+              f"{f'{peak:.1f} TFLOP/s' if peak else 'n/a (no MFU)'}; loader workers {args.loader_workers}; "
+              f"torch {torch.__version__}")
+        print(f"{'case':<20} {'batch':>5} {'GFLOP/sample':>12} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+              f"{'peak mem GB':>11} {'loader wait':>11}")
+        best: dict[str, float] = {}
+        for case in cases:
+            batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else case.batches
+            rows = max(batches) * 8  # the reader wraps around (infinite stream)
+            data = write_dataset(os.path.join(root, f"latents-{case.key}"), case.shapes, rows,
+                                 row_group_size=min(256, max(batches)))
+            for batch in batches:
+                try:
+                    r = measure(case, batch, args, session, device, data, root)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{case.name:<20} {batch:>5}  out of memory")
+                    gc.collect()
                     torch.cuda.empty_cache()
-            rate = case.batch * steps / seconds
-            tflops = rate * flops / 1e12
-            mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
-            mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:11.1f}" if device.type == "cuda" else "        n/a"
-            print(f"{case.name:<20} {variant:<13} {case.batch:>5} {flops / 1e9:12.2f} {rate:10.2f} {tflops:8.3g} {mfu} {mem}")
-            results[(case.name, variant)] = rate
-        if device.type == "cuda" and not args.no_max_batch:
-            for checkpointing in (False, True):
-                biggest = largest_batch(case, device, bf16, checkpointing)
-                print(f"{case.name:<20} largest micro-batch {'with' if checkpointing else 'without'} activation "
-                      f"checkpointing: {biggest}")
-    for (case_name, variant), rate in results.items():
-        if case_name.startswith("C ") and args.paper:
-            hours = PAPER_STAGE_C_SAMPLES / rate / 3600
-            print(f"projection: {case_name} {variant}: 1.42B samples = {hours:,.0f} GPU-hours on this device "
-                  f"(paper: {PAPER_STAGE_C_A100_HOURS:,} A100-hours, mostly at 12x12)")
+                    break
+                tflops = r["rate"] * r["flops"] / 1e12
+                mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
+                mem = f"{r['mem']:11.1f}" if r["mem"] is not None else "        n/a"
+                print(f"{case.name:<20} {batch:>5} {r['flops'] / 1e9:12.2f} {r['rate']:10.2f} {tflops:8.3g} {mfu} "
+                      f"{mem} {r['wait']:10.1%}", flush=True)
+                if args.json:
+                    print(json.dumps({"case": case.key, "micro_batch": batch, "gflop_per_sample": r["flops"] / 1e9,
+                                      "samples_per_s": r["rate"], "tflops": tflops, "mfu": tflops / peak if peak else None,
+                                      "peak_mem_gb": r["mem"], "loader_wait": r["wait"], "loss": r["loss"]}), flush=True)
+                if not np.isfinite(r["loss"]):
+                    print(f"{case.name}: loss is {r['loss']}", file=sys.stderr)
+                    return 1
+                best[case.name] = max(best.get(case.name, 0.0), r["rate"])
+        for case_name, rate in best.items():
+            if case_name.startswith("C paper"):
+                print(f"projection: {case_name} at {rate:.1f} samples/s: 1.42B samples = "
+                      f"{PAPER_STAGE_C_SAMPLES / rate / 3600:,.0f} GPU-hours on this device")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

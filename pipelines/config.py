@@ -22,6 +22,9 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
+# 1e-4, -2E+3, 5e0: exponent notation without a dot, which YAML 1.1 (PyYAML) leaves a string.
+_EXPONENT_FLOAT = re.compile(r"[-+]?\d+[eE][-+]?\d+")
+
 T = TypeVar("T")
 
 SECRET_KEY_PATTERN = re.compile(r"password|passwd|token|secret|credential|access_key|api_key|private_key", re.I)
@@ -108,6 +111,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {value!r}")
         value = float(value)

@@ -88,12 +88,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def checkpoint_dirs(checkpoints: str | os.PathLike) -> dict[str, Path]:
     """component -> directory; missing directories raise an error naming them."""
-    root = Path(checkpoints)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoints directory not found: {root}")
-    dirs = {name: root / name for name in STAGE_DIRS}
-    for component, fallback in ((TEXT_C_DIR, TEXT_DIR), (TEXT_B_DIR, TEXT_DIR)):
-        dirs[component] = root / component if (root / component).is_dir() else root / fallback
+    from pipelines import export_layout
+
+    if not Path(checkpoints).is_dir():
+        raise FileNotFoundError(f"checkpoints directory not found: {checkpoints}")
+    # A training run's export root means its latest export; an export's companions live beside it.
+    root = Path(export_layout.export_set(str(Path(checkpoints).resolve())))
+
+    def component(name: str) -> Path:
+        return Path(export_layout.component_dir(str(root), name))
+
+    dirs = {name: component(name) for name in STAGE_DIRS}
+    for name, fallback in ((TEXT_C_DIR, TEXT_DIR), (TEXT_B_DIR, TEXT_DIR)):
+        dirs[name] = component(name) if component(name).is_dir() else component(fallback)
     missing = sorted({str(path) for path in dirs.values() if not path.is_dir()})
     if missing:
         raise FileNotFoundError(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import export_layout, storage
 from pipelines.config import ConfigError
 
 if TYPE_CHECKING:
@@ -79,8 +79,8 @@ def encoder_sources(cfg: PrecomputeConfig) -> dict[str, dict]:
         sources["text"] = source
     for name in ("semantic", "stage_a"):
         if name in cfg.outputs:
-            path = getattr(enc, name)
-            sources[name] = {"checkpoint": storage.normalize(path), "sha256": content_hash(path)}
+            path = export_layout.resolve_checkpoint(getattr(enc, name))  # a run's export/<kind>: its latest
+            sources[name] = {"checkpoint": path, "sha256": content_hash(path)}
     return sources
 
 
@@ -103,7 +103,9 @@ def encoder_spec(cfg: PrecomputeConfig, use_gpu: bool) -> dict:
     """Everything an actor needs, as plain data."""
     enc = cfg.encoders
     return {"outputs": list(cfg.outputs), "text": enc.text, "text_open_clip_weights": enc.text_open_clip_weights,
-            "text_model": enc.text_model, "semantic": enc.semantic, "stage_a": enc.stage_a,
+            "text_model": enc.text_model,
+            **{name: export_layout.resolve_checkpoint(getattr(enc, name)) if getattr(enc, name) else None
+               for name in ("semantic", "stage_a")},
             "semantic_resolution": cfg.semantic_resolution, "stage_a_resolution": cfg.stage_a_resolution,
             "decode_resolution": decode_resolution(cfg), "precision": cfg.precision, "use_gpu": use_gpu}
 

@@ -20,9 +20,10 @@ How a run works
   position is step x samples per step, and the reader resumes at that sample exactly); a crashed worker
   group is restarted from it by ``FailureConfig(max_failures)``.
 * Every ``export_every`` steps and at the end, the EMA weights (or the weights, without EMA) are
-  gathered from the ZeRO partitions and written as a ``stages`` checkpoint to ``<run dir>/export/<stage>/``,
-  next to copies of the text encoder / Stage A / Stage B checkpoints the run was trained against, so
-  ``python -m pipelines.generate --checkpoints <run dir>/export`` works directly.
+  gathered from the ZeRO partitions and written as a ``stages`` checkpoint to
+  ``<run dir>/export/<step>/<stage>/``; the text encoder / Stage A / Stage B checkpoints the run was trained
+  against are copied once to ``export/companions/``, and ``export/latest.json`` names the newest export, so
+  ``python -m pipelines.generate --checkpoints <run dir>/export`` (latest) or ``.../export/<step>`` works.
 * Rank 0 logs to MLflow: loss (p2-weighted, the objective), unweighted MSE, lr, grad norm, samples/s,
   TFLOP/s and MFU, GPU memory, system metrics, and a sample grid every ``sampling.every`` steps.
 * The run is complete (and a rerun skips it) once its manifest records ``train.max_steps`` steps; raising

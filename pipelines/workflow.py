@@ -31,6 +31,7 @@ import urllib.request
 from typing import Any, Literal, Optional
 
 from pipelines import config as config_lib
+from pipelines import export_layout
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.config import ConfigError, param
@@ -168,9 +169,9 @@ def plan_phase(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -
 def plan_generate(step: StepConfig, cfg: WorkflowConfig, outputs: dict[str, str]) -> PlannedStep:
     g = step.generate
     sources = {
-        "stage_c": storage.join(outputs[g.stage_c_from], "export", "stage_c"),
-        "stage_b": storage.join(outputs[g.stage_b_from], "export", "stage_b"),
-        "stage_a": storage.join(outputs[g.stage_a_from], "export", "stage_a"),
+        # A run's export/<kind>: the latest export's weights (pipelines.export_layout).
+        **{kind: export_layout.resolve_checkpoint(storage.join(outputs[source], "export", kind))
+           for kind, source in (("stage_c", g.stage_c_from), ("stage_b", g.stage_b_from), ("stage_a", g.stage_a_from))},
         "text": storage.join(outputs[g.text_from], "text"),
     }
     identity = {"sources": {k: manifest_lib.hash_bytes(storage.read_bytes(storage.join(v, "model.safetensors")))
@@ -200,6 +201,7 @@ def link_checkpoints(out: str, sources: dict[str, str]) -> None:
     ckpt = os.path.join(local, "checkpoints")
     os.makedirs(ckpt, exist_ok=True)
     for name, src in sources.items():
+        src = export_layout.resolve_checkpoint(src)  # planned before the run trained: resolve now
         dst = os.path.join(ckpt, name)
         if os.path.islink(dst) or os.path.exists(dst):
             continue

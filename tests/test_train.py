@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from pipelines import config as config_lib
+from pipelines import export_layout
 from pipelines import manifest as manifest_lib
 from pipelines import train
 from pipelines.config import ConfigError
@@ -84,7 +85,8 @@ def read_trace(run_dir: str) -> dict[tuple[int, int], list[str]]:
 def load_export(run_dir: str, kind: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(run_dir, EXPORT_DIR, kind, "model.safetensors"))
+    return load_file(os.path.join(export_layout.resolve_checkpoint(os.path.join(run_dir, EXPORT_DIR, kind)),
+                                  "model.safetensors"))
 
 
 def common_overrides(inputs, *extra: str) -> list[str]:
@@ -219,8 +221,10 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
         assert os.path.exists(os.path.join(latest, "ema", f"rank-{rank:05d}.safetensors"))
 
     # The export is a complete generation set: our Stage C (EMA) + the Stage B/A and text it was trained with.
+    # Kept per export step, with a pointer to the newest: generate takes the export root (-> latest).
     export = os.path.join(run_dir, EXPORT_DIR)
-    with open(os.path.join(export, "export.json")) as f:
+    assert export_layout.latest_step(export) == STEPS and STEPS in export_layout.steps(export)
+    with open(os.path.join(export_layout.latest_dir(export), "export.json")) as f:
         record = json.load(f)
     assert record["step"] == STEPS and record["weights"] == "ema"
     from pipelines import generate
@@ -246,7 +250,7 @@ def test_stage_b_job_trains_and_exports(ray_cluster, inputs, tmp_path):
     export = os.path.join(result["run_dir"], EXPORT_DIR)
     import stages
 
-    model = stages.load(os.path.join(export, "stage_b"), expected_kind="stage_b")
+    model = stages.load(export_layout.resolve_checkpoint(os.path.join(export, "stage_b")), expected_kind="stage_b")
     assert model.config.c_hidden == [16, 32]
     from pipelines import generate
 

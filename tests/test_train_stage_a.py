@@ -108,7 +108,7 @@ def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_clu
     # The export is a Stage A checkpoint that precompute's encoders load and encode with.
     from pipelines import precompute, precompute_encoders
 
-    export = os.path.join(a_reference["run_dir"], EXPORT_DIR, "stage_a")
+    export = os.path.join(a_reference["run_dir"], EXPORT_DIR, "stage_a")  # <run>/export/<kind>: the latest
     pcfg = config_lib.load(precompute.PrecomputeConfig, None,
                            [f"encoders.stage_a={export}", "outputs=[stage_a]", "stage_a_resolution=32",
                             "precision=float32"])

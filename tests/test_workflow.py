@@ -8,6 +8,7 @@ import os
 import pytest
 
 from pipelines import config as config_lib
+from pipelines import export_layout
 from pipelines import demo_data, workflow
 from pipelines.config import ConfigError
 
@@ -63,7 +64,8 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
         assert sorted(m.step for m in losses) == list(range(1, 7)), step
         assert all(m.value == m.value for m in losses), f"{step}: NaN loss"
         assert any(a.path.endswith(".png") for a in client.list_artifacts(run_id, "images")), step
-        model = stages.load(os.path.join(summary[step]["output"], "export", kind), expected_kind=kind)
+        model = stages.load(export_layout.resolve_checkpoint(os.path.join(summary[step]["output"], "export", kind)),
+                            expected_kind=kind)
         assert model is not None
 
     # Lineage: each phase's MLflow run names the run that produced its input.

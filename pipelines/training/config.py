@@ -20,6 +20,10 @@ RUNS_DIR = "runs"
 RUN_INFO = "run.json"
 EXPORT_DIR = "export"
 TRACE_DIR = "data_trace"
+# A run without MLflow (bench/, the GPU smoke test): sample grids and the logged metrics, one JSON per line.
+SAMPLES_DIR = "samples"
+METRICS_FILE = "metrics.jsonl"
+COLLECTIVES_DIR = "collectives"  # train.audit_collectives: each rank's collective call counts
 
 # Settings that do not change the trained weights: excluded from the run's version hash, and free to
 # change when a run is resumed (e.g. raise max_steps to train longer).
@@ -27,7 +31,8 @@ VERSION_EXCLUDES = (
     "data_root", "output", "run_name", "mlflow", "ray", "sampling", "checkpoints", "metrics", "fault",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
-    "train.allow_config_change", "data.loader_workers", "data.trace",
+    "train.allow_config_change", "train.audit_collectives", "train.overlap_comm", "train.bucket_size",
+    "data.loader_workers", "data.trace",
 )
 
 
@@ -102,9 +107,18 @@ class LoopConfig:
     # None: use GPUs when the Ray cluster has them.
     use_gpu: Optional[bool] = None
     cpus_per_worker: float = param(1.0, gt=0.0)
-    # auto: bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # auto: bf16 on GPU, fp32 on CPU. bf16: fp32 weights, bf16 autocast, fp32 gradients and gradient
+    # reduction (the authors' recipe; see README "Precision"). bf16-weights: DeepSpeed's bf16 mode (bf16
+    # weights and gradients, fp32 optimizer master copy; less memory, a noisier loss).
+    precision: Literal["auto", "bf16", "bf16-weights", "fp32"] = "auto"
     zero_stage: int = param(2, choices=[1, 2, 3])
+    # ZeRO-2/3: reduce gradient buckets while the backward pass is still running (costs ~4.5 bucket-sized
+    # buffers), from a contiguous gradient buffer; bucket_size in elements (reduce and all-gather buckets).
+    overlap_comm: bool = True
+    bucket_size: int = param(100_000_000, ge=1_000)
+    # Check that every torch.distributed collective gets a tensor on the training device (see
+    # pipelines.training.collectives); each rank writes its call counts to <run dir>/collectives/.
+    audit_collectives: bool = False
     # torch.compile the model inside the DeepSpeed engine.
     compile: bool = False
     log_every: int = param(10, ge=1)
@@ -236,8 +250,9 @@ class RunPlan:
     shapes: dict[str, list[int]]
     num_samples: int
     use_gpu: bool
-    bf16: bool
+    bf16: bool  # any bf16 compute (precision bf16 or bf16-weights)
     tracking_uri: Optional[str]
     mlflow_run_id: Optional[str]
     empty_text_emb: Optional[str]
     companions: dict[str, str]
+    precision: str = "fp32"  # resolved train.precision: fp32 | bf16 | bf16-weights

@@ -64,21 +64,25 @@ class DiffusionRunner(Runner):
         losses, mses = [], []
         for batch in micro_batches:
             batch = self._to_device(batch)
-            loss, parts = self.spec.loss(self.engine, batch, text_uncond=self.text_uncond, data_cfg=self.cfg.data,
-                                         generator=self.generator)
+            with self.autocast():
+                loss, parts = self.spec.loss(self.engine, batch, text_uncond=self.text_uncond,
+                                             data_cfg=self.cfg.data, generator=self.generator)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
             mses.append(parts.mse.mean().float())
         grad_norm = self.engine.get_global_grad_norm()
-        return {"loss": float(torch.stack(losses).mean()), "mse": float(torch.stack(mses).mean()),
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        if grad_norm is None:
+            grad_norm = float("nan")
+        # Device tensors: the interval metrics sum them on the device and sync once per log step.
+        return {"loss": torch.stack(losses).mean(), "mse": torch.stack(mses).mean(),
+                "grad_norm": grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm),
                 "lr": float(self.scheduler.get_last_lr()[0])}
 
     # ------------------------------------------------------------ samples
     def _companion(self, name: str) -> nn.Module:
         if name not in self._companion_models:
-            dtype = self.dtype if self.device.type == "cuda" else None
+            dtype = self.preview_dtype
             self._companion_models[name] = stages.load(storage.local_copy(self.plan.companions[name]),
                                                        expected_kind="text" if name == "text" else name,
                                                        device=self.device, dtype=dtype)
@@ -94,8 +98,7 @@ class DiffusionRunner(Runner):
         return self._preview
 
     def sample_grid(self, state: dict, step: int):
-        dtype = self.dtype if self.device.type == "cuda" else None
-        model = self.module_from(state, device=self.device, dtype=dtype)
+        model = self.module_from(state, device=self.device, dtype=self.preview_dtype)
         context = PreviewContext(sampling=self.cfg.sampling, text_uncond=self.text_uncond, device=self.device,
                                  source=f"{self.plan.run_name}@{step}", available=frozenset(self.plan.companions),
                                  load=self._companion)

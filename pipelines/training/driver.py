@@ -15,17 +15,18 @@ from typing import Optional
 
 # torch must be imported before ray.init(): in a `ray job submit` driver with a working_dir runtime env,
 # importing it afterwards aborts with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so". This module
-# imports it, and `pipelines.train` imports this module before its phase starts Ray.
+# imports it, and `pipelines.train` imports this module before its phase starts Ray. Ray itself is
+# imported by `fit` alone: `fit_local` (bench/, a bare GPU machine) runs without it.
 import torch  # noqa: F401
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from pipelines import config as config_lib
+from pipelines import export_layout
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.config import ConfigError
 from pipelines.training.config import RUN_INFO, RUNS_DIR, VERSION_EXCLUDES, RunPlan, TrainConfig
-from pipelines.training.loop import train_worker
+from pipelines.training.loop import run_worker, train_worker
+from pipelines.training.session import LocalSession
 from pipelines.training.specs import STAGES
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,12 @@ def _companions(cfg: TrainConfig, input_manifest: dict) -> dict[str, str]:
     for name in ("text", "stage_a", "stage_b", "stage_c", "semantic"):
         configured = getattr(cfg.checkpoints, name)
         if configured:
-            uri = storage.normalize(configured)
+            uri = export_layout.resolve_checkpoint(configured)
             if not storage.exists(storage.join(uri, "config.json")):
                 raise ConfigError(f"checkpoints.{name}: {uri} is not a stages checkpoint (no config.json)")
             found[name] = uri
         elif isinstance(encoders.get(name), dict) and encoders[name].get("checkpoint"):
-            uri = encoders[name]["checkpoint"]
+            uri = export_layout.resolve_checkpoint(encoders[name]["checkpoint"])
             if storage.exists(storage.join(uri, "config.json")):
                 found[name] = uri
     found.pop(STAGES[cfg.stage].kind, None)  # the run's own stage
@@ -112,23 +113,30 @@ def resolve_use_gpu(cfg: TrainConfig, ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """`train.precision` with auto resolved: bf16 (autocast, fp32 weights) on GPUs, fp32 on CPUs."""
+    return ("bf16" if use_gpu else "fp32") if precision == "auto" else precision
+
+
 def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
     """Resolve the run; every problem with the config or the input raises ConfigError naming the key."""
     spec = STAGES[cfg.stage]
     input_uri = require_input(cfg)
     input_manifest = manifest_lib.read(input_uri)
     model_config = spec.model_config(cfg.model.preset, cfg.model.overrides)
-    if cfg.model.init_from and not storage.exists(storage.join(cfg.model.init_from, "config.json")):
+    if cfg.model.init_from and not storage.exists(storage.join(export_layout.resolve_checkpoint(cfg.model.init_from),
+                                                               "config.json")):
         raise ConfigError(f"model.init_from: {cfg.model.init_from} is not a stages checkpoint (no config.json)")
     data = spec.plan_input(cfg, model_config, input_uri, input_manifest)
     if data.num_samples // cfg.train.num_workers < cfg.train.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size: {cfg.train.micro_batch_size} samples per worker, but {input_uri} "
                           f"holds {data.num_samples} samples for {cfg.train.num_workers} workers")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+    precision = resolve_precision(cfg.train.precision, use_gpu)
     name = run_name(cfg)
     root = runs_root(cfg)
     return RunPlan(stage=cfg.stage, run_name=name, run_dir=storage.join(root, name), runs_root=root,
-                   input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu, bf16=bf16,
+                   input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu,
+                   bf16=precision != "fp32", precision=precision,
                    tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
                    companions=_companions(cfg, input_manifest))
 
@@ -173,6 +181,9 @@ def record_run(cfg: TrainConfig, plan: RunPlan, info: Optional[dict]) -> None:
 
 def fit(cfg: TrainConfig, plan: RunPlan):
     """Run the workers to max_steps (resuming from the run's latest checkpoint); returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     resources = {"CPU": cfg.train.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = 1
@@ -192,3 +203,12 @@ def fit(cfg: TrainConfig, plan: RunPlan):
     if result.error is not None:
         raise result.error
     return result
+
+
+def fit_local(cfg: TrainConfig, plan: RunPlan) -> None:
+    """The same worker loop in this process, without Ray (world size 1, `torch.distributed` on loopback):
+    checkpoints in `<run dir>/checkpoint_<step>/`, resumed from the newest. For benchmarks and the GPU
+    smoke test on machines with torch and DeepSpeed only; MLflow logging only if `plan.mlflow_run_id`."""
+    if cfg.train.num_workers != 1:
+        raise ConfigError(f"train.num_workers: {cfg.train.num_workers}; a local run has one worker")
+    run_worker(cfg, plan, LocalSession(plan.run_dir, keep=cfg.train.keep_checkpoints))

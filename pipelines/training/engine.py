@@ -65,19 +65,38 @@ def import_deepspeed():
 
 
 def engine_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
-                  bf16: bool, grad_clip: float) -> dict[str, Any]:
-    """The DeepSpeed config of one engine. No "optimizer"/"scheduler" blocks: both are built in Python."""
+                  precision: str, grad_clip: float, overlap_comm: bool = True,
+                  bucket_size: int = 100_000_000) -> dict[str, Any]:
+    """The DeepSpeed config of one engine. No "optimizer"/"scheduler" blocks: both are built in Python.
+
+    precision "bf16": fp32 weights, the engine's forward under bf16 autocast (DeepSpeed's torch_autocast),
+    and no module in `lower_precision_safe_modules`, so gradients are kept and reduced in fp32 as in the
+    authors' runs (torch autocast + fp32 DDP). "bf16-weights": DeepSpeed's bf16 mode (bf16 weights and
+    gradients, fp32 master partitions in the optimizer), gradients reduced in fp32. "fp32": neither."""
+    if precision not in ("fp32", "bf16", "bf16-weights"):
+        raise ValueError(f"precision: {precision!r} is not fp32, bf16 or bf16-weights")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 2:
+        # Reduce-scatter gradient buckets while the backward pass still runs, out of one contiguous buffer.
+        zero.update({"overlap_comm": overlap_comm, "contiguous_gradients": True,
+                     "reduce_bucket_size": bucket_size})
+        if zero_stage == 2:
+            zero.update({"allgather_bucket_size": bucket_size, "reduce_scatter": True})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": bool(bf16)},
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16-weights"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    if precision == "bf16-weights":
+        config["communication_data_type"] = "fp32"
     if zero_stage == 3:
         # Gather at module granularity; the defaults prefetch for huge models and are fine on GPU.
         config["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
@@ -196,13 +215,16 @@ def make_engine(cfg: TrainConfig, plan: RunPlan, world: int, model, *, lr: Optio
     deepspeed = import_deepspeed()
     optim = cfg.optim
     if optimizer is None:
+        # One fused kernel per step on GPUs (DeepSpeed steps it on the fp32 master partitions).
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or optim.lr,
-                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+                                      betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+                                      **({"fused": True} if plan.use_gpu else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
     ds_config = engine_config(
         micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-        world_size=world, zero_stage=cfg.train.zero_stage if zero_stage is None else zero_stage, bf16=plan.bf16,
-        grad_clip=optim.grad_clip)
+        world_size=world, zero_stage=cfg.train.zero_stage if zero_stage is None else zero_stage,
+        precision=plan.precision, grad_clip=optim.grad_clip, overlap_comm=cfg.train.overlap_comm,
+        bucket_size=cfg.train.bucket_size)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     use_safe_checkpoint_loading(engine)

@@ -1,6 +1,8 @@
-"""The run's export, `<run dir>/export/`: the trained stage as a `stages` checkpoint (`<kind>/`), copies of
-the companion checkpoints it was trained against (text encoder, Stage A / B), and `export.json`. The
-directory is a complete set for `python -m pipelines.generate --checkpoints <run dir>/export`.
+"""The run's exports (layout in `pipelines.export_layout`): at every export step the trained stage as a
+`stages` checkpoint in `export/<step>/<kind>/` with `export.json`, the companion checkpoints it was trained
+against (text encoder, Stage A / B) copied once into `export/companions/`, then `export/latest.json`.
+`python -m pipelines.generate --checkpoints <run dir>/export` runs on the latest export, and
+`--checkpoints <run dir>/export/<step>` on any earlier one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import os
 import tempfile
 
 import stages
-from pipelines import storage
+from pipelines import export_layout, storage
 from pipelines.training.config import RunPlan
 
 
@@ -18,21 +20,26 @@ def _copy_tree(source: str, target: str) -> None:
         storage.write_bytes(storage.join(target, storage.basename(path)), storage.read_bytes(path))
 
 
-def write_export(kind: str, module, export_uri: str, step: int, *, ema: bool, plan: RunPlan) -> None:
-    """<export>/<kind>/ (stages checkpoint) + copies of the companion checkpoints + export.json."""
+def write_export(kind: str, module, root: str, step: int, *, ema: bool, plan: RunPlan) -> str:
+    """`<root>/<step>/<kind>/` + export.json, the companions (once per source), then latest.json; returns
+    the step's directory."""
+    target = export_layout.step_dir(root, step)
     with tempfile.TemporaryDirectory(prefix="wurst-export-") as tmp:
         stages.save(module, os.path.join(tmp, kind))
-        _copy_tree(os.path.join(tmp, kind), storage.join(export_uri, kind))
+        _copy_tree(os.path.join(tmp, kind), storage.join(target, kind))
     copied = {}
     for name, source in plan.companions.items():
-        target = storage.join(export_uri, name)
-        marker = storage.join(target, ".source.json")
-        # Copy once per source: a 1-2 GB text encoder is not rewritten at every export.
+        shared = storage.join(export_layout.companions_dir(root), name)
+        marker = storage.join(shared, ".source.json")
+        # Copied once per source: a 1-2 GB text encoder is not rewritten at every export.
         if not (storage.exists(marker) and storage.read_json(marker).get("source") == source):
-            _copy_tree(source, target)
+            _copy_tree(source, shared)
             storage.write_json(marker, {"source": source})
         copied[name] = source
-    storage.write_json(storage.join(export_uri, "export.json"), {
+    storage.write_json(storage.join(target, export_layout.EXPORT_RECORD), {
         "run_name": plan.run_name, "stage": plan.stage, "step": step, "weights": "ema" if ema else "model",
-        "kind": kind, "companions": copied, "mlflow_run_id": plan.mlflow_run_id, "input": plan.input_uri,
+        "kind": kind, "companions": copied, "companions_dir": f"../{export_layout.COMPANIONS}",
+        "mlflow_run_id": plan.mlflow_run_id, "input": plan.input_uri,
     })
+    export_layout.set_latest(root, step)
+    return target

@@ -2,9 +2,10 @@
 
 The loop is the same for every stage; the stage's runner (from its `StageSpec`) builds the engines and
 the data stream and runs a step. Around the steps the loop keeps the EMA, logs the interval metrics
-(rank 0 to MLflow), saves a checkpoint every `checkpoint_every` steps (and at the end) through
-`ray.train.report`, resumes from the latest one, writes the (EMA) export every `export_every` steps and
-at the end, draws sample grids, records the data trace and runs the fault drill.
+(rank 0 to MLflow), saves a checkpoint every `checkpoint_every` steps (and at the end) through its
+session (`RaySession`: Ray Train, uploaded asynchronously; `LocalSession`: one process, no Ray), resumes
+from the latest one, writes the (EMA) export every `export_every` steps and at the end, draws sample
+grids, records the data trace and runs the fault drill.
 """
 
 from __future__ import annotations
@@ -14,25 +15,23 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Optional
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
 
 from pipelines import config as config_lib
 from pipelines import storage
 from pipelines.phase import setup_logging
-from pipelines.training import checkpoint
-from pipelines.training.config import EXPORT_DIR, TRACE_DIR, RunPlan, TrainConfig
+from pipelines.training import checkpoint, collectives
+from pipelines.training.config import (COLLECTIVES_DIR, EXPORT_DIR, METRICS_FILE, SAMPLES_DIR, TRACE_DIR, RunPlan,
+                                       TrainConfig)
 from pipelines.training.ema import ShardedEma
 from pipelines.training.engine import ensure_extensions_dir, full_fp32_state_dict
 from pipelines.training.metrics import IntervalMetrics, peak_tflops_for
 from pipelines.training.runner import Runner
+from pipelines.training.session import RaySession, Session
 from pipelines.training.specs import STAGES
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,11 @@ def make_runner(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, device: 
 class WorkerLoop:
     """The training loop of one Ray Train worker; the stage-specific parts come from a runner."""
 
-    def __init__(self, cfg: TrainConfig, plan: RunPlan):
-        self.cfg, self.plan = cfg, plan
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+    def __init__(self, cfg: TrainConfig, plan: RunPlan, session: Session, *, device: Optional[torch.device] = None):
+        self.cfg, self.plan, self.session = cfg, plan, session
+        self.rank, self.world = session.rank, session.world
         ensure_extensions_dir()
-        self.device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+        self.device = device or session.device(plan.use_gpu)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.runner = make_runner(cfg, plan, self.rank, self.world, self.device)
@@ -62,29 +60,29 @@ class WorkerLoop:
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps  # per rank
         self.step = 0
         self.trace: list[str] = []
+        self.metric_lines: list[str] = []
         self.mlflow = None
         self.interval = IntervalMetrics(world=self.world, samples_per_step=self.samples_per_step,
                                         num_samples=plan.num_samples, device=self.device)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory(prefix="wurst-ckpt-") as tmp:
-            state = None
-            if self.rank == 0:
-                state = {"step": self.step, "samples_per_rank": self.step * self.samples_per_step,
-                         "world_size": self.world, "zero_stage": self.cfg.train.zero_stage,
-                         "engines": sorted(self.runner.engines), "ema": self.ema is not None,
-                         "mlflow_run_id": self.plan.mlflow_run_id}
-            checkpoint.save(tmp, engines=self.runner.engines, generator=self.runner.generator, ema=self.ema,
-                            rank=self.rank, train_state=state)
-            self._flush_trace()
-            ray.train.report({"step": self.step, **metrics}, checkpoint=Checkpoint.from_directory(tmp))
+        directory = self.session.new_checkpoint_dir()
+        state = None
+        if self.rank == 0:
+            state = {"step": self.step, "samples_per_rank": self.step * self.samples_per_step,
+                     "world_size": self.world, "zero_stage": self.cfg.train.zero_stage,
+                     "engines": sorted(self.runner.engines), "ema": self.ema is not None,
+                     "mlflow_run_id": self.plan.mlflow_run_id}
+        checkpoint.save(directory, engines=self.runner.engines, generator=self.runner.generator, ema=self.ema,
+                        rank=self.rank, train_state=state)
+        self._flush_trace()
+        self.session.report(metrics, directory, self.step)
 
     def restore(self) -> None:
-        latest = ray.train.get_checkpoint()
-        if latest is None:
-            return
-        with latest.as_directory() as directory:
+        with self.session.latest_checkpoint() as directory:
+            if directory is None:
+                return
             self.step = checkpoint.restore(directory, engines=self.runner.engines, generator=self.runner.generator,
                                            ema=self.ema, rank=self.rank, world=self.world,
                                            zero_stage=self.cfg.train.zero_stage)
@@ -98,21 +96,36 @@ class WorkerLoop:
         return full_fp32_state_dict(self.engine)
 
     def export(self, state: Optional[dict]) -> None:
+        """`export/<step>/`, then `export/latest.json` names it."""
         if self.rank == 0:
             with torch.random.fork_rng(devices=[]):  # building modules must not move the training RNG
                 self.runner.write_export(state, storage.join(self.plan.run_dir, EXPORT_DIR), self.step,
                                          ema=self.ema is not None)
 
     def sample_grid(self, state: Optional[dict]) -> None:
-        if self.rank == 0 and self.mlflow is not None:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                grid = self.runner.sample_grid(state, self.step)
-            if grid is not None:
-                self.mlflow.log_image(grid, key="samples", step=self.step)
+        """Rank 0: a sample grid to MLflow, or (a run without MLflow) to <run dir>/samples/<step>.png."""
+        if self.rank != 0:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            grid = self.runner.sample_grid(state, self.step)
+        if grid is None:
+            return
+        if self.mlflow is not None:
+            self.mlflow.log_image(grid, key="samples", step=self.step)
+        else:
+            import io
+
+            buffer = io.BytesIO()
+            grid.save(buffer, format="PNG")
+            storage.write_bytes(storage.join(self.plan.run_dir, SAMPLES_DIR, f"{self.step:09d}.png"), buffer.getvalue())
 
     # ---------------------------------------------------------------- logging
     def _start_mlflow(self) -> None:
         if self.rank != 0 or not self.plan.mlflow_run_id:
+            path = storage.join(self.plan.run_dir, METRICS_FILE)
+            if self.rank == 0 and storage.exists(path):  # resumed: keep the lines of the steps before
+                self.metric_lines = [line for line in storage.read_text(path).splitlines()
+                                     if line and json.loads(line)["step"] <= self.step]
             return
         import mlflow  # here: rank 0 alone logs, the other ranks do not pay for importing MLflow
 
@@ -138,6 +151,9 @@ class WorkerLoop:
             log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
             if self.mlflow is not None:
                 self.mlflow.log_metrics(out, step=self.step)
+            else:  # a run without MLflow (bench/, the GPU smoke test): <run dir>/metrics.jsonl
+                self.metric_lines.append(json.dumps({"step": self.step, **out}))
+                storage.write_text(storage.join(self.plan.run_dir, METRICS_FILE), "\n".join(self.metric_lines) + "\n")
         return out
 
     def _flush_trace(self) -> None:
@@ -161,6 +177,10 @@ class WorkerLoop:
         os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- main loop
+    def write_collective_counts(self, audit: collectives.Audit) -> None:
+        path = storage.join(self.plan.run_dir, COLLECTIVES_DIR, f"rank-{self.rank:05d}.json")
+        storage.write_json(path, {"device": str(audit.device), "calls": dict(sorted(audit.calls.items()))})
+
     def run(self) -> None:
         cfg = self.cfg
         self.restore()
@@ -181,8 +201,11 @@ class WorkerLoop:
                 if cfg.data.trace:
                     ids = [i for m in micro for i in self.runner.sample_ids(m)]
                     self.trace.append(json.dumps({"step": self.step, "ids": ids}))
+                log_due = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
+                if log_due and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the interval's time includes its queued GPU work
                 self.interval.add(metrics, time.perf_counter() - started)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                if log_due:
                     last_metrics = self._log()
                 sample_due = cfg.sampling.every and self.step % cfg.sampling.every == 0
                 export_due = cfg.train.export_every and self.step % cfg.train.export_every == 0
@@ -206,9 +229,22 @@ class WorkerLoop:
                 self.mlflow.end_run()
 
 
+def run_worker(cfg: TrainConfig, plan: RunPlan, session: Session) -> None:
+    """Build the worker's loop and run it to max_steps; with `train.audit_collectives`, inside a
+    collective device audit from before the first collective (DeepSpeed's set-up) to the end."""
+    if not cfg.train.audit_collectives:
+        WorkerLoop(cfg, plan, session).run()
+        return
+    device = session.device(plan.use_gpu)
+    with collectives.device_audit(device) as audit:
+        loop = WorkerLoop(cfg, plan, session, device=device)
+        loop.run()
+    loop.write_collective_counts(audit)
+
+
 def train_worker(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: {"config": TrainConfig as a dict, "plan": RunPlan as a dict}."""
     setup_logging()
     cfg = config_lib.from_dict(TrainConfig, loop_config["config"])
     plan = RunPlan(**loop_config["plan"])
-    WorkerLoop(cfg, plan).run()
+    run_worker(cfg, plan, RaySession())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import stages
-from pipelines import storage
+from pipelines import export_layout, storage
 from pipelines.training import metrics
 from pipelines.training.config import RunPlan, TrainConfig
 from pipelines.training.engine import seed_everything
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def load_init_weights(model: nn.Module, uri: str, kind: str) -> None:
     """`model.init_from`: start from a stages checkpoint (fine-tuning, e.g. released weights)."""
-    source = stages.load(storage.local_copy(uri), expected_kind=kind)
+    source = stages.load(storage.local_copy(export_layout.resolve_checkpoint(uri)), expected_kind=kind)
     model.load_state_dict(source.state_dict(), strict=True)
 
 
@@ -42,7 +42,11 @@ class Runner:
         self.spec, self.cfg, self.plan, self.rank, self.world, self.device = spec, cfg, plan, rank, world, device
         self.kind = spec.kind
         self.model_config = spec.model_config(cfg.model.preset, cfg.model.overrides)
-        self.dtype = torch.bfloat16 if plan.bf16 else torch.float32
+        # What the engine's forward takes: bf16 inputs for bf16 weights; fp32 under autocast (it casts).
+        self.dtype = torch.bfloat16 if plan.precision == "bf16-weights" else torch.float32
+        # Previews (sample grids through the companions) run in bf16 whenever training does, on CPU too,
+        # so a CPU bf16 run takes the dtype paths of a GPU run.
+        self.preview_dtype = torch.bfloat16 if plan.bf16 else torch.float32
 
     def build_model(self) -> nn.Module:
         """The stage's model, initialised from the run's seed (the same weights on every rank) or from
@@ -53,6 +57,11 @@ class Runner:
         if cfg.model.init_from:
             load_init_weights(model, cfg.model.init_from, self.kind)
         return model
+
+    def autocast(self):
+        """The bf16 autocast of precision "bf16" around the parts of a step outside the engine's forward
+        (losses on its outputs, Stage A's perceptual network and discriminator); a no-op otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.plan.precision == "bf16")
 
     # ------------------------------------------------------------ data and steps
     def batches(self, start_sample: int) -> Iterator[dict]:
@@ -79,8 +88,9 @@ class Runner:
         return build_with_state(self.spec.model_class, self.model_config, state, f"{self.plan.run_name} weights",
                                 device=device or "cpu", dtype=dtype)
 
-    def write_export(self, state: dict, export_uri: str, step: int, *, ema: bool) -> None:
-        write_export(self.kind, self.module_from(state), export_uri, step, ema=ema, plan=self.plan)
+    def write_export(self, state: dict, export_root: str, step: int, *, ema: bool) -> str:
+        """`<export_root>/<step>/` (and latest.json naming it); returns that directory."""
+        return write_export(self.kind, self.module_from(state), export_root, step, ema=ema, plan=self.plan)
 
     def sample_grid(self, state: dict, step: int):
         """A PIL image for MLflow drawn with the weights `state` (None: no grid)."""

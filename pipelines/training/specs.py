@@ -239,8 +239,9 @@ class StageBSpec(DiffusionSpec):
                                        timesteps=ctx.sampling.steps, guidance=guidance, generator=generator).cpu()
         if stage_a is None:
             return image_grid([latent_to_image(real), latent_to_image(fake)])
-        a_device = next(stage_a.parameters()).device
-        decoded = [stage_a.decode(x.to(a_device)).float().clamp(0, 1).cpu() for x in (real, fake)]
+        # In Stage A's own dtype (bf16 when the run trains in bf16): fp32 latents into a bf16 decoder fail.
+        a_param = next(stage_a.parameters())
+        decoded = [stage_a.decode(x.to(a_param.device, a_param.dtype)).float().clamp(0, 1).cpu() for x in (real, fake)]
         return image_grid(decoded)
 
 

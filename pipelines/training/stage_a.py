@@ -112,28 +112,30 @@ class StageARunner(Runner):
         disc_module = self.disc_engine.module
         for batch in micro_batches:
             images = batch["images"].to(self.device, self.dtype, non_blocking=True)
-            out = self.engine(images)
-            reconstruction = out.reconstruction
-            mse = F.mse_loss(reconstruction.float(), images.float())
-            loss = lc.mse_weight * mse + lc.vq_weight * out.vq_loss.float()
-            if self.perceptual is not None:
-                perceptual = self.perceptual(reconstruction, images)
-                loss = loss + lc.perceptual_weight * perceptual
-                add("perceptual", perceptual.detach())
-            if adversarial:
-                # The bare module, not the engine: DeepSpeed's engine forward hooks its outputs so that a
-                # backward through them runs the discriminator's gradient reduction epilogue, which must
-                # not happen inside the generator's backward (its parameters are frozen here anyway).
-                with frozen(disc_module):
-                    adv = -disc_module(reconstruction).float().mean()
-                loss = loss + lc.adversarial_weight * adv
-                add("adversarial", adv.detach())
+            with self.autocast():
+                out = self.engine(images)
+                reconstruction = out.reconstruction
+                mse = F.mse_loss(reconstruction.float(), images.float())
+                loss = lc.mse_weight * mse + lc.vq_weight * out.vq_loss.float()
+                if self.perceptual is not None:
+                    perceptual = self.perceptual(reconstruction, images)
+                    loss = loss + lc.perceptual_weight * perceptual
+                    add("perceptual", perceptual.detach())
+                if adversarial:
+                    # The bare module, not the engine: DeepSpeed's engine forward hooks its outputs so that a
+                    # backward through them runs the discriminator's gradient reduction epilogue, which must
+                    # not happen inside the generator's backward (its parameters are frozen here anyway).
+                    with frozen(disc_module):
+                        adv = -disc_module(reconstruction).float().mean()
+                    loss = loss + lc.adversarial_weight * adv
+                    add("adversarial", adv.detach())
             self.engine.backward(loss)
             self.engine.step()
             if adversarial:
-                real = self.disc_engine(images).float()
-                fake = self.disc_engine(reconstruction.detach()).float()
-                d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+                with self.autocast():
+                    real = self.disc_engine(images).float()
+                    fake = self.disc_engine(reconstruction.detach()).float()
+                    d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
                 self.disc_engine.backward(d_loss)
                 self.disc_engine.step()
                 add("discriminator_loss", d_loss.detach())
@@ -160,9 +162,9 @@ class StageARunner(Runner):
             reader = self._reader(rank=0, world_size=1, seed=self.cfg.sampling.seed,
                                   batch_size=self.cfg.sampling.num_images)
             self._preview = next(iter(reader))["images"]
-        model = self.module_from(state, device=self.device)
-        images = self._preview.to(self.device)
+        model = self.module_from(state, device=self.device, dtype=self.preview_dtype)
+        images = self._preview.to(self.device, self.preview_dtype)
         latents = model.encode(images)
         quantized = model.decode(latents, force_not_quantize=False)
         continuous = model.decode(latents, force_not_quantize=True)
-        return image_grid([images.cpu(), quantized.clamp(0, 1).cpu(), continuous.clamp(0, 1).cpu()])
+        return image_grid([x.float().clamp(0, 1).cpu() for x in (images, quantized, continuous)])
