@@ -4,14 +4,16 @@ and on a GPU the achieved TFLOP/s and MFU.
     python bench/stages.py                      # CPU: tiny presets, fp32 eager vs channels-last
     python bench/stages.py --paper              # GPU: paper presets too (Stage C 12/24, Stage B 128/256)
     python bench/stages.py --flops-only --paper # FLOPs per sample of every case, counted on the meta device
+    python bench/stages.py --flops-only --paper --breakdown  # ... per op kind (conv, matmul), fwd vs bwd
     python bench/stages.py --compile            # adds a torch.compile variant
 
 One training step = the p2-weighted diffusion loss of ``stages.diffusion`` (noise sampling,
-forward, loss) + backward; no optimizer step. FLOPs per sample are counted once per case with
-``torch.utils.flop_counter.FlopCounterMode`` on the meta device (matmuls, convolutions and attention,
-forward and backward), so they do not depend on the kernels picked at run time. MFU = achieved
-FLOP/s / the device's dense bf16 peak (``--peak-tflops`` or the table below). Every variant is timed
-in the same process and reported as a ratio to the first (baseline) variant of its case.
+forward, loss) + backward; no optimizer step. FLOPs per sample are counted once per case by
+``pipelines.training.flops`` (the trainer's counter: FlopCounterMode on the meta device, with grouped
+convolution backward counted correctly), so they do not depend on the kernels picked at run time.
+MFU = achieved FLOP/s / the device's dense bf16 peak (``--peak-tflops`` or the table in
+``pipelines.training.flops``). Every variant is timed in the same process and reported as a ratio to
+the first (baseline) variant of its case.
 
 Only torch and this repository are needed (no Ray, no DeepSpeed, no diffusers).
 """
@@ -27,27 +29,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipelines.training.flops import FlopCount, count_flops, peak_tflops_for  # noqa: E402
 from stages.diffusion import stage_b_loss, stage_c_loss  # noqa: E402
 from stages.stage_b import StageB, StageBConfig  # noqa: E402
 from stages.stage_c import StageC, StageCConfig  # noqa: E402
-
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 70.0,
-}
-
 
 @dataclasses.dataclass
 class Case:
@@ -107,27 +95,12 @@ def training_loss(model: torch.nn.Module, case: Case, inputs: dict[str, torch.Te
     return loss
 
 
-def flops_per_sample(case: Case) -> float:
-    """Forward + backward FLOPs of one sample, counted on the meta device (no memory, no compute)."""
+def flops_per_sample(case: Case) -> FlopCount:
+    """Forward and backward FLOPs of one sample, counted on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         model = build_model(case, gradient_checkpointing=False)
         inputs = make_inputs(case, 1, torch.device("meta"))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            training_loss(model, case, inputs).backward()
-    return float(counter.get_total_flops())
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_TFLOPS.items():  # ordered: specific names before generic ones
-        if key in name:
-            return value
-    return None
+    return count_flops(lambda: training_loss(model, case, inputs))
 
 
 @dataclasses.dataclass
@@ -198,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", action="store_true", help="include the paper presets (GPU only unless --flops-only)")
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny presets")
     parser.add_argument("--flops-only", action="store_true", help="print FLOPs per sample only; run nothing")
+    parser.add_argument("--breakdown", action="store_true", help="also print each case's FLOPs per op kind")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every case (default: per case)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -216,18 +190,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cases = build_cases(paper=args.paper, tiny=not args.no_tiny, batch_override=args.batch)
-    peak = peak_tflops(device, args.peak_tflops)
+    peak = peak_tflops_for(device, args.peak_tflops)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; torch {torch.__version__}; peak bf16 TFLOP/s: {peak or 'n/a'}")
-    header = f"{'case':<20} {'params':>9} {'GFLOP/sample':>13} {'variant':<28} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs base':>8}"
+    header = f"{'case':<20} {'params':>9} {'fwd GFLOP':>10} {'GFLOP/sample':>13} {'/3xfwd':>6} {'variant':<28} {'batch':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'vs base':>8}"
     print(header)
     print("-" * len(header))
     for case in cases:
         with torch.device("meta"):
             params = sum(p.numel() for p in build_model(case, False).parameters())
-        flops = flops_per_sample(case)
-        prefix = f"{case.name:<20} {params / 1e6:>8.2f}M {flops / 1e9:>13.2f}"
+        count = flops_per_sample(case)
+        flops = count.training
+        prefix = (f"{case.name:<20} {params / 1e6:>8.2f}M {count.forward / 1e9:>10.2f} {flops / 1e9:>13.2f} "
+                  f"{flops / (3 * count.forward):>6.3f}")
+        if args.breakdown:
+            print(f"{case.name}:\n{count.table()}")
         if args.flops_only:
             print(prefix)
             continue

@@ -20,6 +20,7 @@ from pipelines.training.collectives import CollectiveDeviceError, device_audit
 from pipelines.training.config import TrainConfig
 from pipelines.training.driver import resolve_precision
 from pipelines.training.engine import engine_config
+from pipelines.training.metrics import IntervalMetrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +58,23 @@ def test_audit_names_the_collective_and_the_caller_for_a_tensor_off_the_training
             dist.all_reduce(torch.zeros(2, dtype=torch.float64))
         with pytest.raises(CollectiveDeviceError, match="all_gather"):  # tensors inside lists are checked too
             dist.all_gather([torch.empty(2, device="meta")], torch.zeros(2))
+
+
+def test_interval_metrics_are_reduced_on_the_training_device():
+    # "meta" stands in for cuda:0: the tensor the all-reduce gets must be built on the metrics' device,
+    # whatever device the per-step values were summed on.
+    metrics = IntervalMetrics(world=1, samples_per_step=4, num_samples=100, device=torch.device("meta"))
+    metrics.add({"loss": torch.tensor(0.5, device="meta"), "lr": 1e-4}, seconds=0.2)
+    metrics.add({"loss": torch.tensor(0.25, device="meta"), "lr": 1e-4}, seconds=0.3)
+    keys, values = metrics.local_means()
+    assert keys == ["loss", "lr"] and values.device.type == "meta" and values.dtype == torch.float64
+    assert values.shape == (3,)
+    on_cpu = IntervalMetrics(world=1, samples_per_step=4, num_samples=100, device=torch.device("cpu"))
+    for loss in (0.5, 0.25):
+        on_cpu.add({"loss": torch.tensor(loss), "lr": 1e-4}, seconds=0.25)
+    out = on_cpu.reduce(step=2)
+    assert out["loss"] == pytest.approx(0.375) and out["samples_per_s"] == pytest.approx(16.0)
+    assert out["samples_seen"] == 8 and out["epoch"] == pytest.approx(0.08)
 
 
 def test_precision_auto_is_bf16_autocast_on_gpu_and_fp32_on_cpu():

@@ -141,7 +141,7 @@ class WorkerLoop:
             self.mlflow.log_params({"derived.flops_per_sample": f"{flops:.4g}",
                                     "derived.world_size": self.world,
                                     "derived.device": str(self.device),
-                                    "derived.precision": "bf16" if self.plan.bf16 else "fp32",
+                                    "derived.precision": self.plan.precision,  # auto resolved
                                     "derived.num_samples": self.plan.num_samples})
 
     def _log(self) -> dict[str, float]:

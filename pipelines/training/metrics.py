@@ -1,8 +1,8 @@
 """Throughput metrics of a training run: model FLOPs per sample, the device's peak (for MFU), and the
 per-interval reduction of the step metrics over steps and ranks that rank 0 logs to MLflow.
 
-FLOPs are model FLOPs (forward + backward, no activation recomputation) counted with torch's
-FlopCounterMode on the meta device (no memory, no compute), so MFU does not reward recomputation.
+FLOPs are model FLOPs (forward + backward, no activation recomputation, so MFU does not reward
+recomputation), counted by `pipelines.training.flops` on the meta device; the peak table lives there too.
 """
 
 from __future__ import annotations
@@ -11,29 +11,13 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.flop_counter import FlopCounterMode
+
+from pipelines.training.flops import peak_tflops_for, training_flops
 
 if TYPE_CHECKING:
     from pipelines.training.specs import StageSpec
 
-# Dense bf16 tensor-core peaks (TFLOP/s) used for the MFU estimate when `metrics.peak_tflops` is unset.
-# Matched against torch.cuda.get_device_name() in order; first hit wins.
-KNOWN_PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0),
-    ("L40S", 362.1), ("L40", 181.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("V100", 125.0),
-)
-
-
-def peak_tflops_for(device: torch.device, configured: Optional[float]) -> Optional[float]:
-    if configured is not None:
-        return configured
-    if device.type != "cuda":
-        return None  # no meaningful tensor-core peak on CPUs: MFU is not reported
-    name = torch.cuda.get_device_name(device)
-    for key, value in KNOWN_PEAK_TFLOPS_BF16:
-        if key in name:
-            return value
-    return None
+__all__ = ["IntervalMetrics", "peak_tflops_for", "training_flops_per_sample"]
 
 
 def training_flops_per_sample(spec: "StageSpec", config, shapes: dict[str, tuple[int, ...]]) -> float:
@@ -42,10 +26,8 @@ def training_flops_per_sample(spec: "StageSpec", config, shapes: dict[str, tuple
         model = spec.build_model(config, gradient_checkpointing=False)
         inputs = spec.example_inputs(shapes)
         r = torch.rand(1)
-    with FlopCounterMode(display=False) as counter:
-        out = spec.forward(model, inputs, r)
-        out.float().pow(2).mean().backward()
-    return float(counter.get_total_flops())
+    # A squared-output loss stands in for the stage's objective: its FLOPs are elementwise (not counted).
+    return training_flops(lambda: spec.forward(model, inputs, r).float().pow(2).mean())
 
 
 class IntervalMetrics:
@@ -64,17 +46,28 @@ class IntervalMetrics:
         self.totals: dict[str, float] = {}
         self.steps, self.seconds = 0, 0.0
 
-    def add(self, metrics: dict[str, float], seconds: float) -> None:
+    def add(self, metrics: dict[str, "float | torch.Tensor"], seconds: float) -> None:
+        """One step's metrics: floats, or 0-d tensors on the device (summed there: no host sync per step)."""
         for key, value in metrics.items():
-            self.totals[key] = self.totals.get(key, 0.0) + float(value)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+            self.totals[key] = self.totals.get(key, 0.0) + value
         self.steps += 1
         self.seconds += seconds
+
+    def local_means(self) -> tuple[list[str], torch.Tensor]:
+        """This rank's per-step means of the interval (sorted keys) and its seconds, as one float64 tensor
+        on the training device: NCCL reduces CUDA tensors only (a CPU tensor fails on the first GPU run)."""
+        keys = sorted(self.totals)
+        values = torch.stack([torch.as_tensor(self.totals[k], dtype=torch.float64, device=self.device)
+                              for k in keys] + [torch.tensor(self.seconds, dtype=torch.float64, device=self.device)])
+        values[:-1] /= self.steps
+        return keys, values
 
     def reduce(self, step: int) -> dict[str, float]:
         """The interval's averages at `step` (samples seen so far: step x samples per step x world); starts
         the next interval."""
-        keys = sorted(self.totals)
-        values = torch.tensor([self.totals[k] / self.steps for k in keys] + [self.seconds], dtype=torch.float64)
+        keys, values = self.local_means()
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= self.world
