@@ -41,19 +41,26 @@ a shard may be shorter). For epoch ``e`` and seed ``s``:
    this rank consumed since the start of epoch ``epoch`` (it may exceed M in infinite mode), so a run
    that consumed k samples resumes with ``start_offset=k`` and gets exactly what an uninterrupted
    reader yields after its first k samples.
-5. With ``batch_size=b`` the stream (from the offset on) is cut into batches of b consecutive samples,
-   and batch ``j`` is produced by DataLoader worker ``j % K`` (K = ``num_workers``, 1 without workers).
-   ``DataLoader(dataset, batch_size=None, num_workers=K)`` returns worker outputs round-robin in order,
-   so the consumer receives batches 0, 1, 2, ... = the stream itself, for any K. In epoch mode the
-   last batch may be short unless ``drop_last=True``.
-   With ``batch_size=None`` the dataset yields single samples and sample ``j`` goes to worker ``j % K``;
-   the stream order (and exact resume) then holds for ``num_workers`` <= 1 only, because a
-   ``DataLoader(batch_size=b)`` collates b samples of one worker into a batch. Use dataset-side
-   batching for multi-worker training.
+5. With ``batch_size=b`` the stream (from the offset on) is cut into batches of b consecutive samples;
+   in epoch mode the last batch may be short unless ``drop_last=True``. With ``batch_size=None`` the
+   reader yields single samples.
 
 The order depends on (manifest, seed, epoch, rank, world_size, shuffle, shuffle_window), never on the
-number of DataLoader workers. Each worker reads the blocks of every window it takes a batch from, so
-with K workers a block may be read up to K times (cheap: tensor columns are uncompressed PLAIN).
+number of loader workers.
+
+Loader workers (`pipelines.training.data.batches`): reading and batching are split. The stream's
+*pieces* -- each block's rows inside the rank's range, in block-sequence order; blocks of the first
+window after ``start_offset`` that hold no sample of the stream are left out -- are read by
+``DataLoader(reader.block_pieces(), batch_size=None, num_workers=K)``: piece ``i`` by worker ``i % K``,
+which the DataLoader hands back round-robin, i.e. in piece order. ``reader.assemble(pieces)`` in the
+consuming process copies each window's pieces into one window buffer and cuts the permuted batches
+from it (one gather per column per batch). So each block is read once per epoch per rank (a block
+that straddles two ranks' ranges is read by both), and the consumer holds one window plus the pieces
+in flight. Iterating the reader itself (``iter(reader)``, no workers) does the same in one process.
+A plain ``DataLoader(reader, num_workers=K)`` also yields the stream (batch ``j``, or sample ``j``
+with ``batch_size=None``, from worker ``j % K``; with samples the order holds for K <= 1 only, as
+``DataLoader(batch_size=b)`` collates one worker's samples), but then every worker reads every block:
+K reads per block.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ import collections
 import io
 import json
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -212,9 +219,24 @@ def write_empty_text(out_dir: str, values: Any) -> dict:
 # Reading
 
 
+class Piece(NamedTuple):
+    """Rows [first_row, first_row + rows) of block `block`: positions [start, start + rows) of epoch
+    `epoch`'s block sequence."""
+    epoch: int
+    block: int
+    start: int
+    first_row: int
+    rows: int
+
+
+SAMPLE_CHUNK = 256  # batch_size=None: samples gathered together, then yielded one by one
+
+
 def __getattr__(name: str):
     if name == "LatentDataset":
         return lazy_dataset.iterable_dataset(globals(), name, LatentShardReader)
+    if name == "LatentBlockPieces":
+        return lazy_dataset.iterable_dataset(globals(), name, LatentPieceReader)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -322,21 +344,26 @@ class LatentShardReader:
         self._order_memo = (epoch, order, ends)
         return order, ends
 
+    def _window_order(self, epoch: int, window: int, size: int) -> np.ndarray:
+        """Step 3: the permutation of window `window`'s `size` samples (identity without shuffling)."""
+        if not self.shuffle:
+            return np.arange(size, dtype=np.int64)
+        return np.random.default_rng([self.seed, epoch, self.rank, self.world_size, window]).permutation(size)
+
+    def _window_bounds(self, window: int) -> tuple[int, int]:
+        """[first, stop) of window `window` in the epoch's block sequence."""
+        first = self.rank * self.samples_per_epoch + window * self.shuffle_window
+        return first, min(first + self.shuffle_window, (self.rank + 1) * self.samples_per_epoch)
+
     def _window_sample_blocks(self, order: np.ndarray, ends: np.ndarray, epoch: int, window: int
                               ) -> tuple[np.ndarray, np.ndarray]:
         """(block id, row inside block) of the samples of window `window` of this rank's epoch
         sequence, in stream order."""
-        first = self.rank * self.samples_per_epoch + window * self.shuffle_window
-        last = min(first + self.shuffle_window, (self.rank + 1) * self.samples_per_epoch)
-        seq = np.arange(first, last, dtype=np.int64)  # positions in the epoch's block sequence
+        first, stop = self._window_bounds(window)
+        seq = first + self._window_order(epoch, window, stop - first)  # positions in the block sequence
         slot = np.searchsorted(ends, seq, side="right")
         starts = ends - self.block_rows[order]
-        rows = seq - starts[slot]
-        blocks = order[slot]
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, self.rank, self.world_size, window]).permutation(len(seq))
-            blocks, rows = blocks[perm], rows[perm]
-        return blocks, rows
+        return order[slot], seq - starts[slot]
 
     def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
         """(shard index, row in shard) of S(rank, epoch), the whole epoch sequence (for tests and audits)."""
@@ -349,8 +376,57 @@ class LatentShardReader:
             out += list(zip(self.block_shard[blocks].tolist(), shard_rows.tolist()))
         return out
 
+    def _windows(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """(epoch, window, first, stop, skip) of the stream's windows in order: [first, stop) in the
+        epoch's block sequence, of which the first `skip` samples (in window order) precede the offset."""
+        per_epoch = self.samples_per_epoch
+        position = self.start_offset  # samples of the stream since the start of epoch `self.epoch`
+        while self.infinite or position < per_epoch:
+            in_epoch = position % per_epoch
+            window = in_epoch // self.shuffle_window
+            first, stop = self._window_bounds(window)
+            skip = in_epoch - window * self.shuffle_window
+            yield self.epoch + position // per_epoch, window, first, stop, skip
+            position += stop - first - skip
+
+    def _piece_plan(self) -> Iterator[Piece]:
+        """The stream's pieces in order: per epoch, the blocks overlapping the rank's range from the
+        first window the stream needs on, each cut to that range. In the first window after the
+        offset, blocks that hold none of the samples still to come are left out (never read)."""
+        per_epoch = self.samples_per_epoch
+        if not self.infinite and self.start_offset >= per_epoch:
+            return
+        epoch = self.epoch + self.start_offset // per_epoch
+        in_epoch = self.start_offset % per_epoch
+        range_stop = (self.rank + 1) * per_epoch
+        while True:
+            window = in_epoch // self.shuffle_window
+            skip = in_epoch - window * self.shuffle_window
+            first, window_stop = self._window_bounds(window)
+            order, ends = self._block_order(epoch)
+            starts = ends - self.block_rows[order]
+            slots = np.arange(np.searchsorted(ends, first, side="right"),
+                              np.searchsorted(ends, range_stop - 1, side="right") + 1)
+            piece_start = np.maximum(starts[slots], first)
+            piece_stop = np.minimum(ends[slots], range_stop)
+            if skip:
+                needed = np.sort(first + self._window_order(epoch, window, window_stop - first)[skip:])
+                used = np.searchsorted(needed, piece_stop) > np.searchsorted(needed, piece_start)
+                keep = used | (piece_stop > window_stop)  # later windows need the block anyway
+                slots, piece_start, piece_stop = slots[keep], piece_start[keep], piece_stop[keep]
+            for slot, start, stop in zip(slots.tolist(), piece_start.tolist(), piece_stop.tolist()):
+                yield Piece(epoch, int(order[slot]), start, start - int(starts[slot]), stop - start)
+            if not self.infinite:
+                return
+            epoch, in_epoch = epoch + 1, 0
+
+    def blocks_per_window(self) -> int:
+        """The most pieces one window takes (its blocks, plus one at an unaligned edge): what a loader
+        keeps in flight so that reading the next window overlaps batching this one."""
+        return -(-min(self.shuffle_window, self.samples_per_epoch) // self.row_group_size) + 1
+
     # ------------------------------------------------------------------------------------------
-    # Reading
+    # Reading: pieces (loader workers)
 
     def _parquet(self, shard: int) -> pq.ParquetFile:
         handle = self._files.get(shard)
@@ -363,105 +439,175 @@ class LatentShardReader:
             self._files.move_to_end(shard)
         return handle
 
-    def _read_block(self, block: int) -> dict[str, Any]:
-        shard, group = int(self.block_shard[block]), int(self.block_group[block])
+    def _read_piece(self, piece: Piece, shared: bool) -> dict[str, Any]:
+        """One read of the piece's row group (requested columns only), cut to the piece's rows: tensor
+        columns as (rows, *shape) float16 -- numpy views of the arrow buffers, or with `shared` torch
+        tensors in shared memory (one copy; the DataLoader then passes them without another) --, string
+        columns as object arrays of str."""
+        shard, group = int(self.block_shard[piece.block]), int(self.block_group[piece.block])
         path = self.shard_files[shard]
         handle = self._parquet(shard)
         if group >= handle.metadata.num_row_groups:
             raise LatentDatasetError(f"{path}: has {handle.metadata.num_row_groups} row groups, the manifest "
                                      f"implies at least {group + 1}")
         table = handle.read_row_group(group, columns=self.columns)
-        if table.num_rows != self.block_rows[block]:
+        if table.num_rows != self.block_rows[piece.block]:
             raise LatentDatasetError(f"{path}: row group {group} has {table.num_rows} rows, expected "
-                                     f"{int(self.block_rows[block])} (row_group_size {self.row_group_size})")
-        out: dict[str, Any] = {}
+                                     f"{int(self.block_rows[piece.block])} (row_group_size {self.row_group_size})")
+        table = table.slice(piece.first_row, piece.rows)
+        columns: dict[str, Any] = {}
         for name in self.columns:
             column = table.column(name).combine_chunks()
-            if name in self.shapes:
-                values = column.flatten().to_numpy(zero_copy_only=False)
-                out[name] = values.reshape((table.num_rows,) + self.shapes[name])
+            if name not in self.shapes:
+                columns[name] = column.to_numpy(zero_copy_only=False)
+                continue
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape((piece.rows,) + self.shapes[name])
+            if shared:
+                tensor = _shared_float16(values.shape)
+                np.copyto(tensor.numpy(), values)
+                columns[name] = tensor
             else:
-                out[name] = np.asarray(column.to_pylist(), dtype=object)
-        return out
+                columns[name] = values
+        return {"epoch": piece.epoch, "block": piece.block, "start": piece.start, "columns": columns}
 
-    def _gather(self, blocks: np.ndarray, rows: np.ndarray, cache: dict[int, dict[str, Any]]
-                ) -> dict[str, np.ndarray]:
-        """Rows (blocks[i], rows[i]) of the requested columns, stacked in the given order."""
-        n = len(blocks)
-        unique_blocks = np.unique(blocks)
-        for block in unique_blocks.tolist():
-            if block not in cache:
-                cache[block] = self._read_block(block)
-        out: dict[str, np.ndarray] = {}
-        for name in self.columns:
-            first = cache[int(unique_blocks[0])][name]
-            result = np.empty((n,) + first.shape[1:], dtype=first.dtype)
-            for block in unique_blocks.tolist():
-                mask = blocks == block
-                result[mask] = cache[block][name][rows[mask]]
-            out[name] = result
-        return out
+    def read_pieces(self, worker: int = 0, n_workers: int = 1, shared: bool = False) -> Iterator[dict[str, Any]]:
+        """Pieces i of the stream with i % n_workers == worker, each read once (see `_read_piece`)."""
+        for index, piece in enumerate(self._piece_plan()):
+            if index % n_workers == worker:
+                yield self._read_piece(piece, shared)
 
-    def _emit(self, data: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, Any]:
+    def block_pieces(self):
+        """The stream's pieces as a torch IterableDataset for `DataLoader(..., batch_size=None,
+        num_workers=K)`: worker w reads pieces i % K == w; feed the loader to `assemble`."""
+        return __getattr__("LatentBlockPieces")(self)
+
+    # ------------------------------------------------------------------------------------------
+    # Assembling: windows -> batches (the consuming process)
+
+    def assemble(self, pieces: Iterable[dict[str, Any]] | None = None, pin_memory: bool = False
+                 ) -> Iterator[dict[str, Any]]:
+        """The stream's batches (or samples) from its pieces in piece order (None: read them here).
+        `pin_memory`: tensors are gathered straight into page-locked memory (for async host-to-device)."""
+        return self._assemble(pieces, pin_memory, worker=0, n_workers=1)
+
+    def _assemble(self, pieces: Iterable[dict[str, Any]] | None, pin_memory: bool, worker: int, n_workers: int
+                  ) -> Iterator[dict[str, Any]]:
+        """`assemble`, emitting only batch (or sample) j with j % n_workers == worker (a plain
+        DataLoader's worker) and skipping the gathers of the others."""
         import torch
 
-        item: dict[str, Any] = {}
-        for name, values in data.items():
-            part = values[lo:hi]
-            if name in self.shapes:
-                tensor = torch.from_numpy(np.ascontiguousarray(part))
-                item[name] = tensor[0] if self.batch_size is None else tensor
-            else:
-                item[name] = str(part[0]) if self.batch_size is None else [str(v) for v in part]
-        return item
+        received = iter(self.read_pieces() if pieces is None else pieces)
+        plan = self._piece_plan()
+        upcoming = next(plan, None)
+        current: tuple[Piece, dict[str, np.ndarray]] | None = None  # a piece that reaches into later windows
+        size = min(self.shuffle_window, self.samples_per_epoch)
+        window_buffers = {name: np.empty((size,) + self.shapes[name], dtype=np.float16) if name in self.shapes
+                          else np.empty(size, dtype=object) for name in self.columns}
+
+        def allocate(rows: int) -> dict[str, Any]:
+            return {name: torch.empty((rows,) + self.shapes[name], dtype=torch.float16, pin_memory=pin_memory)
+                    if name in self.shapes else np.empty(rows, dtype=object) for name in self.columns}
+
+        def gather(into: dict[str, Any], at: int, rows: np.ndarray) -> None:
+            for name, column in into.items():
+                target = column.numpy() if name in self.shapes else column
+                # mode="clip": with out=, the default mode="raise" gathers into a temporary and copies again.
+                np.take(window_buffers[name], rows, axis=0, out=target[at:at + len(rows)], mode="clip")
+
+        batch = self.batch_size
+        # Samples of the stream not yet cut (epoch mode); drop_last leaves the short tail out.
+        left = None if self.infinite else self.samples_per_epoch - self.start_offset
+        if left is not None and batch and self.drop_last:
+            left -= left % batch
+        emitted = 0  # batches (or samples) started so far: their stream index
+        open_batch: dict[str, Any] | None = None
+        open_rows = open_filled = 0
+        for epoch, window, first, stop, skip in self._windows():
+            if left is not None and left <= 0:
+                return
+            # Fill the window buffer: buffer row k = block-sequence position first + k.
+            while True:
+                if current is None:
+                    if upcoming is None or (upcoming.epoch, upcoming.start) >= (epoch, stop):
+                        break
+                    got = next(received, None)
+                    if got is None or (got["epoch"], got["block"], got["start"]) != upcoming[:3]:
+                        found = None if got is None else (got["epoch"], got["block"], got["start"])
+                        raise LatentDatasetError(f"{self.uri}: expected piece (epoch, block, start) "
+                                                 f"{tuple(upcoming[:3])}, got {found}: pieces arrived out of order")
+                    current = (upcoming, {name: np.asarray(v) for name, v in got["columns"].items()})
+                    upcoming = next(plan, None)
+                piece, piece_columns = current
+                lo, hi = max(piece.start, first), min(piece.start + piece.rows, stop)
+                for name, buffer in window_buffers.items():
+                    buffer[lo - first:hi - first] = piece_columns[name][lo - piece.start:hi - piece.start]
+                if piece.start + piece.rows > stop:
+                    break
+                current = None
+
+            order = self._window_order(epoch, window, stop - first)[skip:]
+            if left is not None:
+                order = order[:left]
+                left -= len(order)
+            if not batch:
+                mine = order[(emitted + np.arange(len(order))) % n_workers == worker]
+                emitted += len(order)
+                for chunk_start in range(0, len(mine), SAMPLE_CHUNK):
+                    rows = mine[chunk_start:chunk_start + SAMPLE_CHUNK]
+                    chunk = allocate(len(rows))
+                    gather(chunk, 0, rows)
+                    for i in range(len(rows)):
+                        yield {name: column[i] if name in self.shapes else str(column[i])
+                               for name, column in chunk.items()}
+                continue
+            at = 0
+            while at < len(order):
+                if not open_rows:  # start batch `emitted`
+                    open_rows = batch if left is None else min(batch, len(order) - at + left)
+                    open_batch = allocate(open_rows) if emitted % n_workers == worker else None
+                    open_filled = 0
+                take = min(open_rows - open_filled, len(order) - at)
+                if open_batch is not None:
+                    gather(open_batch, open_filled, order[at:at + take])
+                open_filled += take
+                at += take
+                if open_filled == open_rows:
+                    if open_batch is not None:
+                        yield {name: column if name in self.shapes else column.tolist()
+                               for name, column in open_batch.items()}
+                    emitted += 1
+                    open_batch, open_rows = None, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from torch.utils.data import get_worker_info
 
         info = get_worker_info()
+        # In a plain DataLoader's worker it reads every piece itself and keeps its share of the batches.
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        batch = self.batch_size or 1
-        per_epoch = self.samples_per_epoch
-        stream_end = None if self.infinite else per_epoch  # stream positions counted from epoch start
-        position = self.start_offset
-        # Samples gathered for this worker but not yet emitted, with their batch numbers.
-        pending: dict[str, np.ndarray] | None = None
-        pending_batch = np.empty(0, dtype=np.int64)
-        cache: dict[int, dict[str, Any]] = {}
-        while stream_end is None or position < stream_end:
-            epoch = self.epoch + position // per_epoch
-            window = (position % per_epoch) // self.shuffle_window
-            epoch_start = (epoch - self.epoch) * per_epoch
-            window_start = epoch_start + window * self.shuffle_window
-            window_end = epoch_start + min((window + 1) * self.shuffle_window, per_epoch)
-            positions = np.arange(position, window_end, dtype=np.int64)
-            batch_of = (positions - self.start_offset) // batch
-            mine = batch_of % n_workers == worker
-            if mine.any():
-                order, ends = self._block_order(epoch)
-                blocks, rows = self._window_sample_blocks(order, ends, epoch, window)
-                skip = position - window_start  # the window's samples before the resume offset
-                blocks, rows = blocks[skip:][mine], rows[skip:][mine]
-                # Keep only blocks this window uses: neighbouring windows share at most their edge blocks.
-                cache = {b: cache[b] for b in np.unique(blocks).tolist() if b in cache}
-                data = self._gather(blocks, rows, cache)
-                if pending is None:
-                    pending, pending_batch = data, batch_of[mine]
-                else:
-                    pending = {k: np.concatenate([pending[k], data[k]]) for k in pending}
-                    pending_batch = np.concatenate([pending_batch, batch_of[mine]])
-            position = window_end
-            # A batch is complete once the stream passed its last sample.
-            complete_below = (position - self.start_offset) // batch
-            ended = stream_end is not None and position >= stream_end
-            if pending is not None and len(pending_batch):
-                if ended and not self.drop_last:
-                    complete_below = int(pending_batch[-1]) + 1
-                n_done = int(np.searchsorted(pending_batch, complete_below, side="left"))
-                lo = 0
-                while lo < n_done:
-                    hi = int(np.searchsorted(pending_batch, pending_batch[lo], side="right"))
-                    yield self._emit(pending, lo, hi)
-                    lo = hi
-                pending = {k: v[n_done:] for k, v in pending.items()}
-                pending_batch = pending_batch[n_done:]
+        return self._assemble(None, pin_memory=False, worker=worker, n_workers=n_workers)
+
+
+class LatentPieceReader:
+    """The methods of `LatentBlockPieces` (a torch IterableDataset subclass): a reader's stream of pieces,
+    piece i read by DataLoader worker i % K (all of them without workers)."""
+
+    def __init__(self, reader: LatentShardReader):
+        super().__init__()
+        self.reader = reader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is None:
+            return self.reader.read_pieces(shared=True)  # tensors, as from workers (DataLoader converts numpy)
+        return self.reader.read_pieces(info.id, info.num_workers, shared=True)
+
+
+def _shared_float16(shape: tuple[int, ...]):
+    """An uninitialised float16 tensor in shared memory (what torch's collate makes in a worker)."""
+    import torch
+
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=torch.float16)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=torch.float16).new(storage).view(shape)

@@ -18,8 +18,11 @@ DEMO_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
 # The demo config made smaller for the suite: fewer images and optimizer steps, 2 prompts.
 SMALL_OVERRIDES = {
     "train_a": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6"],
-    "train_b": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
-                "sampling.steps=2"],
+    # Stage B takes the GPU path on CPU: bf16 (fp32 weights + autocast), every collective audited for its
+    # tensors' device, its grid decoded by the bf16 Stage A, and its only worker SIGKILLed before step 5
+    # (Ray Train restarts it from the step-3 checkpoint).
+    "train_b": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=3", "train.micro_batch_size=8", "sampling.every=6",
+                "sampling.steps=2", "train.precision=bf16", "train.audit_collectives=true", "fault.kill_at_step=5"],
     "train_c": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
                 "sampling.steps=2", "sampling.steps_b=2"],
 }

@@ -1,4 +1,6 @@
-"""The latent-dataset reader's contract: coverage, determinism, exact resume, column selection."""
+"""The latent-dataset reader's contract: coverage, determinism, exact resume, column selection; the
+trainer's loader path (`training.data.batches`): the same stream for any number of loader workers, each
+row group read once per epoch per rank."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from torch.utils.data import DataLoader
 
 from pipelines import latent_shards as ld
 from pipelines.latent_shards import LatentDataset, LatentDatasetError
+from pipelines.training import data as training_data
+from pipelines.training.config import DataConfig
 
 SHARD_ROWS = [10, 7, 13, 1]  # uneven on purpose: short last blocks, a one-row shard
 ROW_GROUP = 4
@@ -203,3 +207,140 @@ def test_reader_pickles_and_the_format_imports_no_torch(latents):
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer's loader path: workers read pieces, the consumer assembles the batches
+
+
+def _contract_stream(*, rank: int, world_size: int, seed: int, window: int, epochs: range) -> list[str]:
+    """The module docstring's ordering contract, written out on its own (no reader code): the uids
+    of S(rank, e) for each e in `epochs`, concatenated."""
+    blocks = [(shard, group, min(ROW_GROUP, rows - group * ROW_GROUP))
+              for shard, rows in enumerate(SHARD_ROWS) for group in range(-(-rows // ROW_GROUP))]
+    per_rank = N // world_size
+    out: list[str] = []
+    for epoch in epochs:
+        sequence = [_uid(shard, group * ROW_GROUP + i)
+                    for b in np.random.default_rng([seed, epoch]).permutation(len(blocks))
+                    for shard, group, rows in [blocks[b]] for i in range(rows)]
+        ranks_part = sequence[rank * per_rank:(rank + 1) * per_rank]
+        for q, lo in enumerate(range(0, per_rank, window)):
+            part = ranks_part[lo:lo + window]
+            out += [part[i] for i in np.random.default_rng([seed, epoch, rank, world_size, q]).permutation(len(part))]
+    return out
+
+
+# 3 loader workers on a 2-CPU machine: torch warns; the order under test does not depend on the CPUs.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+
+def _loader(ds: LatentDataset, workers: int):
+    return training_data.batches(ds, DataConfig(seed=0, loader_workers=workers), torch.device("cpu"))
+
+
+def _global_index(uid: str) -> int:
+    shard, row = (int(p[1:]) for p in uid.split("-"))
+    return int(np.cumsum([0] + SHARD_ROWS)[shard]) + row
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_loader_stream_is_the_contract_for_any_worker_count(latents, workers):
+    # Infinite mode over three epochs (15 samples per rank), batches across window and epoch edges.
+    kwargs = dict(world_size=2, rank=1, seed=11, batch_size=4, shuffle_window=6)
+    batches = list(itertools.islice(_loader(LatentDataset(latents, ["uid", "text_emb"], **kwargs), workers), 11))
+    assert [len(b["uid"]) for b in batches] == [4] * 11
+    assert _uids(batches, batched=True) == _contract_stream(rank=1, world_size=2, seed=11, window=6,
+                                                           epochs=range(3))[:44]
+    for batch in batches:  # each tensor row is its uid's sample (text_emb holds the global index)
+        assert batch["text_emb"].dtype == torch.float16 and batch["text_emb"].shape == (4, 3, 2)
+        expected = torch.tensor([_global_index(u) for u in batch["uid"]], dtype=torch.float16)
+        assert torch.equal(batch["text_emb"][:, 0, 0], expected)
+        assert torch.all(batch["text_emb"] == batch["text_emb"][:, :1, :1])
+
+    # Epoch mode: the short last batch, drop_last, and single samples (batch_size=None).
+    epoch = _contract_stream(rank=0, world_size=1, seed=3, window=5, epochs=range(1))
+    full = list(_loader(LatentDataset(latents, ["uid", "semantic"], seed=3, shuffle_window=5, batch_size=7,
+                                      infinite=False), workers))
+    assert [len(b["uid"]) for b in full] == [7, 7, 7, 7, 3] and _uids(full, batched=True) == epoch
+    assert full[0]["semantic"].shape == (7, 2, 2, 2)
+    dropped = _loader(LatentDataset(latents, ["uid"], seed=3, shuffle_window=5, batch_size=7, infinite=False,
+                                    drop_last=True), workers)
+    assert _uids(dropped, batched=True) == epoch[:28]
+    samples = list(_loader(LatentDataset(latents, ["uid", "semantic"], seed=3, shuffle_window=5,
+                                         infinite=False), workers))
+    assert _uids(samples, batched=False) == epoch
+    assert samples[0]["semantic"].shape == (2, 2, 2)
+    assert torch.all(samples[0]["semantic"] == -float(_global_index(samples[0]["uid"])))
+
+
+@pytest.mark.parametrize("offset", [0, 3, 7, 14, 15, 26, 44])
+def test_loader_resume_with_two_workers_is_the_tail_of_the_stream(latents, offset):
+    """Offsets inside a window (the blocks before the offset are skipped), at a window edge, at and
+    after an epoch edge (15 samples per rank per epoch)."""
+    kwargs = dict(world_size=2, rank=0, seed=5, batch_size=3, shuffle_window=4)
+    stream = _contract_stream(rank=0, world_size=2, seed=5, window=4, epochs=range(6))
+    resumed = _loader(LatentDataset(latents, ["uid"], start_offset=offset, **kwargs), workers=2)
+    assert _uids(itertools.islice(resumed, 8), batched=True) == stream[offset:offset + 24]
+    in_epoch = _loader(LatentDataset(latents, ["uid"], start_offset=offset % 15, infinite=False, **kwargs), 2)
+    assert _uids(in_epoch, batched=True) == stream[offset % 15:15]
+
+
+@pytest.fixture
+def read_log(tmp_path, monkeypatch):
+    """Every row-group read of the reader's pyarrow call, as (shard, row group) -- also from DataLoader
+    workers (forked, so they inherit the patch; each read is one O_APPEND line of a shared file)."""
+    path = tmp_path / "reads.log"
+    original = pq.ParquetFile.read_row_group
+
+    def logged(self, i, columns=None, **kwargs):
+        table = original(self, i, columns=columns, **kwargs)
+        shard, row = (int(p[1:]) for p in table.column("uid")[0].as_py().split("-"))
+        with open(path, "a") as log:
+            log.write(f"{shard} {row // ROW_GROUP}\n")
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", logged)
+
+    def reads() -> list[tuple[int, int]]:
+        lines = path.read_text().split() if path.exists() else []
+        path.unlink(missing_ok=True)
+        return [(int(a), int(b)) for a, b in zip(lines[::2], lines[1::2])]
+
+    return reads
+
+
+def _range_blocks(ds: LatentDataset, epoch: int, first: int = 0) -> set[tuple[int, int]]:
+    """(shard, row group) of the blocks holding samples first.. of the rank's epoch sequence."""
+    return {(s, r // ROW_GROUP) for s, r in ds.epoch_order(epoch)[first:]}
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_loader_reads_each_block_of_the_ranks_range_once_per_epoch(latents, read_log, workers):
+    for rank in range(2):
+        for epoch in range(2):
+            ds = LatentDataset(latents, ["uid", "text_emb"], rank=rank, world_size=2, seed=9, epoch=epoch,
+                               batch_size=2, shuffle_window=5, infinite=False)
+            assert len(_uids(_loader(ds, workers), batched=True)) == N // 2
+            reads = read_log()
+            assert len(reads) == len(set(reads)), f"a block was read twice: {sorted(reads)}"
+            assert set(reads) == _range_blocks(ds, epoch)
+    # A resume inside a window reads only the blocks holding samples still to come, each once.
+    ds = LatentDataset(latents, ["uid", "text_emb"], seed=9, batch_size=2, shuffle_window=12, start_offset=9,
+                       infinite=False)
+    assert len(_uids(_loader(ds, workers), batched=True)) == N - 9
+    reads = read_log()
+    assert len(reads) == len(set(reads)) and set(reads) == _range_blocks(ds, 0, first=9)
+    # A plain DataLoader over the dataset keeps the stream but reads every block in every worker.
+    plain = DataLoader(LatentDataset(latents, ["uid"], seed=9, batch_size=2, infinite=False), batch_size=None,
+                       num_workers=workers)
+    assert len(_uids(plain, batched=True)) == N
+    assert len(read_log()) == workers * len(_range_blocks(ds, 0))
+
+
+def test_assemble_refuses_pieces_out_of_order(latents):
+    ds = LatentDataset(latents, ["uid"], seed=1, batch_size=4, infinite=False)
+    pieces = list(ds.read_pieces())
+    pieces[0], pieces[1] = pieces[1], pieces[0]
+    with pytest.raises(LatentDatasetError, match="pieces arrived out of order"):
+        list(ds.assemble(pieces))

@@ -28,7 +28,7 @@ from pipelines import manifest as manifest_lib
 from pipelines import train
 from pipelines.config import ConfigError
 from pipelines.training.checkpoint import TRAIN_STATE
-from pipelines.training.config import EXPORT_DIR, TRACE_DIR, TrainConfig
+from pipelines.training.config import COLLECTIVES_DIR, EXPORT_DIR, TRACE_DIR, TrainConfig
 from pipelines.training.driver import plan_run
 from pipelines.training.engine import warmup_then_constant
 
@@ -89,8 +89,22 @@ def load_export(run_dir: str, kind: str) -> dict[str, torch.Tensor]:
                                   "model.safetensors"))
 
 
+# The GPU path on CPU: bf16 (fp32 weights + autocast, as on GPUs) and every torch.distributed collective
+# audited for tensors off the training device (the NCCL failure mode).
+GPU_PATH = ("train.precision=bf16", "train.audit_collectives=true")
+
+
 def common_overrides(inputs, *extra: str) -> list[str]:
-    return [f"input={inputs['latents']}", "data.trace=true", *extra]
+    return [f"input={inputs['latents']}", "data.trace=true", *GPU_PATH, *extra]
+
+
+def audited_calls(run_dir: str, world: int) -> list[dict[str, int]]:
+    """Each rank's collective call counts (the audit raised, and the job failed, on a wrong device)."""
+    calls = []
+    for rank in range(world):
+        with open(os.path.join(run_dir, COLLECTIVES_DIR, f"rank-{rank:05d}.json")) as f:
+            calls.append(json.load(f)["calls"])
+    return calls
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +211,10 @@ def test_stage_c_job_trains_exports_logs_and_generates(ray_cluster, c_reference,
     run = client.get_run(run_id)
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.preset"] == "tiny"
     assert run.data.params["derived.world_size"] == "2"
+    assert run.data.params["train.precision"] == "bf16" and run.data.params["derived.precision"] == "bf16"
+    # DeepSpeed's gradient all-reduces/broadcasts and our metric reductions all got tensors on the device.
+    for calls in audited_calls(run_dir, 2):
+        assert calls["all_reduce"] > STEPS and calls["broadcast"] > 0, calls
     assert run.data.tags["wurst.input_phase"] == "precompute" and "wurst.input_manifest_hash" in run.data.tags
     loss = metric_by_step(client, run_id, "loss")
     assert sorted(loss) == list(range(1, STEPS + 1))

@@ -174,6 +174,10 @@ class FaultConfig:
 
     kill_rank: Optional[int] = param(None, ge=0)
     kill_at_step: Optional[int] = param(None, ge=1)
+    # Seconds the drill waits before the kill, so the checkpoint reported just before has reached Ray
+    # Train's controller (it polls workers every 2 s; a checkpoint reported less than that before a crash
+    # is lost and the group restarts from the one before).
+    settle_s: float = param(4.0, ge=0.0)
 
 
 @dataclasses.dataclass

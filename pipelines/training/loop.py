@@ -172,8 +172,10 @@ class WorkerLoop:
         if storage.exists(marker):
             return
         storage.write_text(marker, f"rank {self.rank} killed itself before step {fault.kill_at_step}\n")
-        log.warning("fault drill: SIGKILL rank %d before step %d", self.rank, fault.kill_at_step)
+        log.warning("fault drill: SIGKILL rank %d before step %d in %.0f s", self.rank, fault.kill_at_step,
+                    fault.settle_s)
         sys.stdout.flush()
+        time.sleep(fault.settle_s)
         os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- main loop
