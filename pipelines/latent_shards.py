@@ -4,6 +4,8 @@ One module for both sides, so the writer and the reader cannot drift apart: the 
 parquet options, the shard writer (exact row groups, temp name + rename), the per-shard stats in each
 file's footer, the empty caption's embedding file, and the reader. No torch at import: the phase's CPU
 tasks import this module (`LatentDataset` is made on first use, see `pipelines.lazy_dataset`).
+Longer than 500 lines: the writer and the reader of one format, with the reader's exact ordering
+contract and its split between loader workers (read) and the training process (assemble), kept together.
 
 Format: ``shard-NNNNN.parquet`` files with string columns ``key``, ``uid``, ``caption`` (zstd,
 dictionary) and float16 tensor columns stored as flat fixed-size lists (PLAIN, uncompressed, the

@@ -42,6 +42,7 @@ def small_workflow(tmp_path, demo_root: str, data_root: str, extra: dict[str, li
             step["generate"].update({"prompts": step["generate"]["prompts"][:2], "n": 1, "steps_c": "3",
                                      "steps_b": 2, **(generate or {})})
     cfg["data_root"] = data_root
+    cfg.setdefault("submit", {})["poll_s"] = 0.5  # job status polls (the default 3 s idles ~1.5 s a step)
     cfg["serve_demo"] = demo_root
     path = tmp_path / f"workflow-{len(os.listdir(tmp_path))}.yaml"
     path.write_text(yaml.safe_dump(cfg))

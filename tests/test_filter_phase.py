@@ -199,6 +199,7 @@ def funnel_adds_up(funnel: dict) -> bool:
 # ---------------------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow_e2e  # the workflow test submits the filter as a Ray job too; this adds the reference check
 def test_submitted_as_ray_job(ray_cluster, laion_dir, tmp_path):
     # First in the module: the cluster starts before this module's embedded Ray exists.
     out = tmp_path / "out"
