@@ -1,0 +1,1 @@
+"""Evaluation of generated images: FID, CLIP score and the demo attribute probe."""
