@@ -1,0 +1,109 @@
+"""Where the demo's text-to-image chain loses the prompt: the attribute probe
+(`pipelines.evaluation.probe`) on each link of the chain, from a finished `make demo`'s data root.
+
+    python bench/adherence.py [--data-root data] [--samples 48] [--steps-b 12] [--guidance-b 1]
+
+1. Stage A decoding the true Stage A latents of training samples (the decoder's ceiling);
+2. Stage B sampling from the true semantic latent + the caption's text states, decoded by Stage A;
+3. Stage C sampling from the caption's text alone, then B and A (the whole chain), on training
+   captions and on prompts whose combinations the training captions lack.
+Each row: accuracy per attribute against the caption, next to chance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def latest(pattern: str) -> str:
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise SystemExit(f"nothing matches {pattern}: run `make demo` first")
+    return found[-1]
+
+
+def run_of(data_root: str, stage: str) -> str:
+    runs = [d for d in glob.glob(os.path.join(data_root, "runs", "*"))
+            if os.path.exists(os.path.join(d, "run.json")) and
+            json.load(open(os.path.join(d, "run.json"))).get("stage") == stage]
+    if not runs:
+        raise SystemExit(f"no Stage {stage.upper()} run under {data_root}/runs: run `make demo` first")
+    return max(runs, key=os.path.getmtime)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--steps-c", default="20")
+    parser.add_argument("--steps-b", type=int, default=12)
+    parser.add_argument("--guidance-c", type=float, default=3.0)
+    parser.add_argument("--guidance-b", type=float, default=1.0)
+    parser.add_argument("--unseen", type=int, default=12)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    from pipelines import export_layout, generate
+    from pipelines.evaluate import training_captions
+    from pipelines.evaluation import probe
+    from pipelines.generate import to_pil
+    from pipelines.latent_shards import LatentDataset
+    from stages import sampling
+
+    c_export = export_layout.latest_dir(os.path.join(run_of(args.data_root, "c"), "export"))
+    models = generate.load_generation_models(c_export, device="cpu", dtype=torch.float32)
+    record = json.load(open(os.path.join(c_export, export_layout.EXPORT_RECORD)))
+    latents = record["input"]
+    reader = LatentDataset(latents, ["caption", "text_emb", "semantic", "stage_a"], shuffle=True, seed=1,
+                           infinite=False, batch_size=args.samples)
+    batch = next(iter(reader))
+    captions = [c for c in batch["caption"]]
+    keep = [i for i, c in enumerate(captions) if _is_demo(probe, c)]
+    captions = [captions[i] for i in keep]
+    rows = {}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        stage_a_latents = batch["stage_a"][keep].float()
+        rows["1 Stage A decodes the true Stage A latents"] = probe.score(
+            to_pil(models.stage_a.decode(stage_a_latents).clamp(0, 1)), captions)
+        text = models.text_b.encode(captions)
+        uncond = models.text_b.empty_embedding().expand_as(text)
+        sampled = sampling.sample_stage_b(models.stage_b, batch["semantic"][keep].float(), text, uncond,
+                                          shape=tuple(stage_a_latents.shape), timesteps=args.steps_b,
+                                          guidance=args.guidance_b, generator=generator)
+        rows["2 Stage B from the true semantic latent + text"] = probe.score(
+            to_pil(models.stage_a.decode(sampled).clamp(0, 1)), captions)
+        size = int(stage_a_latents.shape[-1]) * models.stage_a.config.downscale
+        settings = dict(models=models, height=size, width=size, steps_c=args.steps_c, steps_b=args.steps_b,
+                        guidance_c=args.guidance_c, guidance_b=args.guidance_b, batch_size=16)
+        chain = generate.generate_images(captions, n=1, **settings)
+        rows["3 C -> B -> A from training captions"] = probe.score(chain.images, chain.prompts)
+        unseen = probe.unseen_prompts(training_captions(latents), args.unseen, seed=0)
+        chain = generate.generate_images(unseen, n=4, **settings)
+        rows["3 C -> B -> A from unseen prompts (x4)"] = probe.score(chain.images, chain.prompts)
+    attributes = probe.ATTRIBUTES
+    print(f"{'link':<50}{'n':>4}" + "".join(f"{a:>11}" for a in attributes) + f"{'no object':>11}")
+    for name, result in rows.items():
+        print(f"{name:<50}{result['n_images']:>4}" + "".join(f"{result['accuracy'][a]:11.2f}" for a in attributes)
+              + f"{result['no_object']:>11}")
+    print(f"{'chance':<54}" + "".join(f"{probe.CHANCE[a]:11.2f}" for a in attributes))
+
+
+def _is_demo(probe, caption: str) -> bool:
+    try:
+        probe.parse_caption(caption)
+    except ValueError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
