@@ -3,9 +3,9 @@
 1. draws the demo dataset (shapes + captions + LAION-format metadata; `pipelines.demo_data`);
 2. runs the workflow `configs/demo/workflow.yaml` on an embedded local Ray with MLflow in
    `<data_root>/mlflow.db`: filter -> download (from a loopback server the workflow starts) ->
-   encoders -> train Stage A -> precompute -> train Stage B and Stage C -> generate;
-3. prints where the generated grid, the funnel, the download report and the MLflow store are, and
-   how to open the MLflow UI.
+   encoders -> train Stage A -> precompute -> train Stage B and Stage C -> generate -> evaluate;
+3. prints where the generated grid, the funnel, the download report and the MLflow store are, the
+   attribute probe's table (does the model follow its prompts?) and how to open the MLflow UI.
 
 A second run skips every up-to-date phase; `--set` overrides reach the workflow config (e.g.
 `--set steps.0.set='["filters.aesthetic.min=6.0"]'` is easier done by editing a copy of the YAML).
@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
     lines.append(("MLflow store", f"sqlite:///{data_root}/mlflow.db"))
     for label, where in lines:
         print(f"  {label:16s} {where}")
+    if "evaluate" in outputs:
+        from pipelines.evaluation import probe
+
+        evaluation = storage.read_json(storage.join(outputs["evaluate"], "evaluation.json"))
+        lines_out = storage.join(outputs["evaluate"], "evaluation.json")
+        if "probe" in evaluation:
+            print("\nDoes the model follow its prompts? (unseen combinations, read back from the pixels)")
+            print(probe.format_table(evaluation["probe"]))
+        print(f"  evaluation       {lines_out}")
     print("Open the MLflow UI with:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{data_root}/mlflow.db --host 127.0.0.1 --port 5000")
     print("  then browse http://127.0.0.1:5000 (experiments wurst-filter, wurst-download, wurst-train, ...)")

@@ -13,6 +13,13 @@ shape in the field metadata under ``shape``); the writer's per-shard stats as JS
 under ``wurst.precompute.stats``; ``empty_text_emb.npy``; ``manifest.json`` (``shards`` with row
 counts, ``row_group_size``, ``columns`` with shape and dtype).
 
+Splits: the *training* split is ``shards``; the held-out *validation* split is ``val/shard-NNNNN.parquet``
+(same schema), listed under ``validation.shards`` with the ``fraction`` and the ``rule`` that chose it
+(`is_validation`: a hash of the uid, so a sample's split never depends on sharding, order or workers).
+Separate files, not a column: the training split's blocks stay whole row groups of training samples,
+so its ordering contract below is unchanged and validation rows are never read by a training rank.
+A dataset written before the split existed has no ``validation`` key: it is all training split.
+
 Reader
 ------
 
@@ -24,7 +31,8 @@ columns are read.
 
 Ordering contract (exact; tests and resumable training rely on it)
 --------------------------------------------------------------------
-The dataset holds N samples in the shards listed in ``manifest.json`` (``shards``, in that order);
+The split holds N samples in the shards listed in ``manifest.json`` (``shards``, or ``validation.shards``
+with ``split="validation"``; in that order);
 each shard is cut into *blocks* of ``row_group_size`` rows (its parquet row groups; the last block of
 a shard may be shorter). For epoch ``e`` and seed ``s``:
 
@@ -68,6 +76,7 @@ K reads per block.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import os
@@ -86,10 +95,50 @@ STRING_COLUMNS = ("uid", "caption", "key")
 EMPTY_TEXT_FILE = "empty_text_emb.npy"
 STATS_KEY = b"wurst.precompute.stats"
 SHAPE_KEY = b"shape"
+SPLITS = ("train", "validation")
+VALIDATION_DIR = "val"  # the validation split's shard files: val/shard-NNNNN.parquet
+# The held-out rule, recorded in the manifest. A fixed hash of the uid alone: the same sample is held out
+# in every dataset version that contains it, and raising the fraction only adds samples to the split.
+VALIDATION_RULE = ("held out iff blake2b(uid as UTF-8, digest_size=8), read as a big-endian unsigned "
+                   "64-bit integer h, has h / 2**64 < fraction")
 
 
 class LatentDatasetError(InputError):
     """The latent dataset, its manifest or a requested column is not what the reader expects."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The validation split
+
+
+def is_validation(uids: Sequence[str], fraction: float) -> np.ndarray:
+    """Boolean mask: which of `uids` belong to the validation split at `fraction` (`VALIDATION_RULE`)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    # int < float compares exactly in Python, and fraction * 2**64 is exact: the rule holds to the bit.
+    bound = fraction * 18446744073709551616.0
+    return np.fromiter((int.from_bytes(hashlib.blake2b(uid.encode("utf-8"), digest_size=8).digest(), "big") < bound
+                        for uid in uids), dtype=bool, count=len(uids))
+
+
+def validation_file(shard_file: str) -> str:
+    """The validation split's file for training shard file `shard_file` (a name relative to the dataset)."""
+    return f"{VALIDATION_DIR}/{shard_file}"
+
+
+def split_shards(manifest: dict, split: str) -> list[dict] | None:
+    """The manifest's shard entries of `split`; None for "validation" in a dataset without that split."""
+    if split not in SPLITS:
+        raise LatentDatasetError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+    if split == "train":
+        return manifest.get("shards")
+    validation = manifest.get("validation")
+    return validation.get("shards") if isinstance(validation, dict) else None
+
+
+def split_samples(manifest: dict, split: str) -> int:
+    """Samples in `split` (0 for a validation split the dataset does not have)."""
+    return sum(int(s["rows"]) for s in split_shards(manifest, split) or [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +297,7 @@ class LatentShardReader:
     def __init__(self, uri: str, columns: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_offset: int = 0, epoch: int = 0, infinite: bool = True, batch_size: int | None = None,
                  shuffle: bool = True, shuffle_window: int = 1024, drop_last: bool = False,
-                 open_files: int = 8):
+                 open_files: int = 8, split: str = "train"):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise LatentDatasetError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
@@ -288,8 +337,12 @@ class LatentShardReader:
                                              "the reader supports float16 tensor columns")
                 self.shapes[name] = tuple(int(d) for d in spec["shape"])
 
-        shards = self.manifest.get("shards")
+        self.split = split
+        shards = split_shards(self.manifest, split)
         group_rows = self.manifest.get("row_group_size")
+        if shards is None and split == "validation":
+            raise LatentDatasetError(f"{self.uri}: has no validation split (no 'validation' in its manifest: "
+                                     "written before precompute held one out)")
         if not isinstance(shards, list) or not isinstance(group_rows, int) or group_rows < 1:
             raise LatentDatasetError(f"{self.uri}/manifest.json: needs 'shards' (list) and 'row_group_size' (int)")
         self.row_group_size = group_rows
@@ -309,7 +362,7 @@ class LatentShardReader:
         self.samples_per_epoch = self.num_samples // world_size
         if self.samples_per_epoch == 0:
             raise LatentDatasetError(
-                f"{self.uri}: {self.num_samples} samples cannot be split over world_size {world_size}"
+                f"{self.uri}: {self.num_samples} samples ({split} split) cannot be split over world_size {world_size}"
             )
         if not infinite and start_offset > self.samples_per_epoch:
             raise LatentDatasetError(f"start_offset {start_offset} is past the end of the epoch "

@@ -15,8 +15,10 @@ Data flow (Ray Data, streaming; nothing is materialised whole):
    largest configured resolution, and emits *chunks* of ``batch_size`` consecutive input samples;
 2. an actor pool (one actor per GPU, or CPU actors) runs the encoders on each chunk, so a batch
    never mixes shards and always holds the same samples: a rerun computes bit-identical outputs;
-3. a task writes each encoded chunk as a part file; when all chunks of a shard are in, the driver
-   starts a task that concatenates them in order into ``shard-NNNNN.parquet`` (temp name + rename).
+3. a task splits each encoded chunk by uid (validation split: `latent_shards.is_validation` at
+   ``validation_fraction``) and writes each split as a part file; when all chunks of a shard are in,
+   the driver starts a task that concatenates them in order into ``val/shard-NNNNN.parquet`` and
+   ``shard-NNNNN.parquet`` (temp name + rename).
 
 Output ``<output root>/<version>/``: ``shard-NNNNN.parquet`` per input ``NNNNN.tar`` with columns
 ``key``, ``uid``, ``caption`` and float16 tensor columns stored as flat fixed-size lists
@@ -24,10 +26,14 @@ Output ``<output root>/<version>/``: ``shard-NNNNN.parquet`` per input ``NNNNN.t
 unquantized latent / scale factor); per-shard counts in each file's footer; ``empty_text_emb.npy``
 (the empty caption's embedding, for guidance dropout); ``manifest.json`` last, with counts, column
 shapes and dtypes, per-shard row counts, encoder checkpoint hashes, the config and the input's
-manifest hash. Read it with ``pipelines.latent_shards.LatentDataset``.
+manifest hash. ``shards`` is the training split; ``validation`` lists the held-out split's
+``val/shard-NNNNN.parquet`` files with the fraction and the hash rule that chose them (decided per
+uid, so the split is the same whatever the sharding, chunking or number of actors). Read it with
+``pipelines.latent_shards.LatentDataset`` (``split="validation"`` for the held-out split).
 
 Resume: shards whose final file exists are skipped; unfinished shards are redone from scratch; a run
-whose manifest exists is a no-op. Input samples = written + skipped, checked per shard and in total.
+whose manifest exists is a no-op. Input samples = written (training + validation) + skipped, checked
+per shard and in total.
 
 Modules: this one is the config, the version and the driver (the `PrecomputePhase` lifecycle);
 `pipelines.precompute_cpu` the decode and write tasks; `pipelines.precompute_encoders` the encoders
@@ -97,6 +103,9 @@ class PrecomputeConfig:
     max_image_pixels: int = param(178_956_970, ge=1)
     # Rows per parquet row group: the reader's unit of reading and of block shuffling.
     row_group_size: int = param(256, ge=1)
+    # Share of the samples held out as the validation split, chosen by a hash of the uid (see
+    # latent_shards.VALIDATION_RULE); training never reads them. 0: no validation split.
+    validation_fraction: float = param(0.01, ge=0.0, lt=1.0)
     # Input samples per encoder call; also the chunk a decode task hands to the actors.
     batch_size: int = param(64, ge=1)
     # Encoder actors (None: one per GPU of the cluster, or 1 CPU actor without GPUs).
@@ -151,6 +160,9 @@ def version_tree(cfg: PrecomputeConfig) -> dict:
     tree = config_lib.to_dict(cfg)
     for key in VERSION_EXCLUDE:
         tree.pop(key, None)
+    if not tree.get("validation_fraction"):
+        # No split: the output is the same as before the split existed, so it keeps that version.
+        tree.pop("validation_fraction", None)
     tree["encoder_sha256"] = {name: src for name, src in
                               ((n, {k: v for k, v in s.items() if k.endswith("sha256") or k == "open_clip_model"})
                                for n, s in encoder_sources(cfg).items())}
@@ -196,7 +208,8 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
                         num_cpus=cfg.cpus_per_actor,
                         fn_constructor_kwargs={"spec": spec, "threads": None if use_gpu else max(1, round(cfg.cpus_per_actor))})
     ds = ds.map_batches(write_chunk, batch_size=1, num_cpus=0.5,
-                        fn_kwargs={"out_dir": out_dir, "shapes": shapes, "row_group_size": cfg.row_group_size})
+                        fn_kwargs={"out_dir": out_dir, "shapes": shapes, "row_group_size": cfg.row_group_size,
+                                   "validation_fraction": cfg.validation_fraction})
 
     finalize = ray.remote(num_cpus=0.5, max_retries=2)(finalize_shard)
     sources = dict(todo)
@@ -216,7 +229,7 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
             if bool(row["is_last"]):
                 last_chunk[name] = chunk
             done["samples"] += summary["input_samples"]
-            done["written"] += summary["written"]
+            done["written"] += summary["written"] + summary["validation_written"]
             if name in last_chunk and len(chunks[name]) == last_chunk[name] + 1:
                 ordered = [chunks[name][i] for i in range(last_chunk[name] + 1)]
                 in_flight[name] = finalize.remote(out_dir, name, sources[name], ordered, shapes, cfg.row_group_size)
@@ -278,9 +291,10 @@ class PrecomputePhase(Phase):
         finished = {storage.basename(f)[:-len(".parquet")] for f in storage.list_files(out_dir, suffix=".parquet")}
         todo = [(n, t) for n, t in zip(names, tars) if n not in finished]
         for name, _ in todo:  # parts of a killed run are not trusted: the shard is redone whole
-            stale = storage.join(out_dir, PARTS_DIR, name)
-            if storage.exists(stale):
-                storage.delete(stale)
+            for stale in (storage.join(out_dir, PARTS_DIR, name),
+                          storage.join(out_dir, latent_shards.validation_file(f"{name}.parquet"))):
+                if storage.exists(stale):
+                    storage.delete(stale)
         use_gpu, actors = _resources(cfg, ctx.ray)
         ctx.state.update(tars=tars, names=names, todo=todo, use_gpu=use_gpu, actors=actors,
                          spec=encoder_spec(cfg, use_gpu), sources=encoder_sources(cfg))
@@ -303,7 +317,7 @@ class PrecomputePhase(Phase):
                  "GPU" if use_gpu else "CPU")
         timings = _encode_shards(ctx, todo, spec, actors, shapes) if todo else {}
 
-        shard_entries, totals = [], Counter()
+        shard_entries, validation_entries, totals = [], [], Counter()
         skipped_by_reason, converted_by_mode = Counter(), Counter()
         for name, tar in zip(names, tars):
             stats, rows = latent_shards.read_shard_stats(storage.join(out_dir, f"{name}.parquet"))
@@ -311,19 +325,32 @@ class PrecomputePhase(Phase):
                 raise PrecomputeError(f"{out_dir}/{name}.parquet: {rows} rows, footer says {stats['written']} written")
             shard_entries.append({"file": f"{name}.parquet", "rows": rows, "source": storage.basename(tar),
                                   "input_samples": stats["input_samples"]})
-            totals.update(input_samples=stats["input_samples"], written=rows)
+            held_out = int(stats.get("validation_written", 0))
+            if held_out:
+                file = latent_shards.validation_file(f"{name}.parquet")
+                _, validation_rows = latent_shards.read_shard_stats(storage.join(out_dir, file))
+                if validation_rows != held_out:
+                    raise PrecomputeError(f"{out_dir}/{file}: {validation_rows} rows, {name}.parquet's footer says "
+                                          f"{held_out} validation samples")
+                validation_entries.append({"file": file, "rows": held_out, "source": storage.basename(tar)})
+            totals.update(input_samples=stats["input_samples"], train=rows, validation=held_out)
             skipped_by_reason.update(stats["skipped_by_reason"])
             converted_by_mode.update(stats["converted_by_mode"])
         skipped = sum(skipped_by_reason.values())
-        if totals["input_samples"] != totals["written"] + skipped:
-            raise PrecomputeError(f"{out_dir}: {totals['input_samples']} input samples != {totals['written']} written "
+        written = totals["train"] + totals["validation"]
+        if totals["input_samples"] != written + skipped:
+            raise PrecomputeError(f"{out_dir}: {totals['input_samples']} input samples != {written} written "
                                   f"+ {skipped} skipped")
-        counts = {"input_shards": len(tars), "input_samples": totals["input_samples"], "written": totals["written"],
+        # written = train + validation: every input sample is in one split or skipped with a reason.
+        counts = {"input_shards": len(tars), "input_samples": totals["input_samples"], "written": written,
+                  "train": totals["train"], "validation": totals["validation"],
                   "skipped": skipped, "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
                   "converted": sum(converted_by_mode.values()),
                   "converted_by_mode": dict(sorted(converted_by_mode.items()))}
         columns = {name: {"shape": shape, "dtype": "float16"} for name, shape in shapes.items()}
         extra.update({"columns": columns, "string_columns": ["key", "uid", "caption"], "shards": shard_entries,
+                      "validation": {"fraction": cfg.validation_fraction, "rule": latent_shards.VALIDATION_RULE,
+                                     "samples": totals["validation"], "shards": validation_entries},
                       "row_group_size": cfg.row_group_size, "encoders": state["sources"],
                       "input_manifest_hash": manifest_lib.manifest_hash(ctx.input_uri),
                       # This invocation only: a resumed run computed `shards_computed` of the shards.
@@ -332,6 +359,7 @@ class PrecomputePhase(Phase):
                       "notes": {"semantic": "raw Semantic Compressor (BatchNorm) output; Stage C trains on (x+1)/42",
                                 "stage_a": "unquantized Stage A latent divided by its scale_factor"}})
         flat = {"input_samples": counts["input_samples"], "written": counts["written"],
+                "written.train": counts["train"], "written.validation": counts["validation"],
                 "skipped": counts["skipped"], "converted": counts["converted"], "shards": len(tars),
                 "shards_computed": len(todo)}
         flat.update({f"skipped.{k}": v for k, v in skipped_by_reason.items()})
@@ -340,7 +368,10 @@ class PrecomputePhase(Phase):
         return Outcome(counts=counts, extra=extra)
 
     def record(self, ctx: Context, manifest: dict) -> None:
-        ctx.log_dict({k: v for k, v in manifest.items() if k != "shards"}, "manifest.json")
+        summary = {k: v for k, v in manifest.items() if k != "shards"}
+        if isinstance(summary.get("validation"), dict):  # the file lists stay in manifest.json
+            summary["validation"] = {k: v for k, v in summary["validation"].items() if k != "shards"}
+        ctx.log_dict(summary, "manifest.json")
 
     def finish(self, ctx: Context, manifest: dict) -> None:
         parts = storage.join(ctx.output, PARTS_DIR)

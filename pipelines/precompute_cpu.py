@@ -2,9 +2,11 @@
 
 `decode_shard` reads one input tar (`pipelines.image_shards`), decodes and center-crops its images
 with PIL and hands them on in chunks of ``batch_size`` samples (undecodable samples are skipped with
-a named reason); after the encoder actors (`pipelines.precompute_encoders`), `write_chunk` stores
-each encoded chunk as a part file and `finalize_shard` concatenates a shard's parts in order into its
-file (`pipelines.latent_shards`). No torch here, so these workers stay light.
+a named reason); after the encoder actors (`pipelines.precompute_encoders`), `write_chunk` splits
+each encoded chunk by uid into the training and validation splits (`latent_shards.is_validation`) and
+stores each as a part file, and `finalize_shard` concatenates a shard's parts in order into its
+files: ``val/<shard>.parquet`` (if it holds any sample), then ``<shard>.parquet``, whose existence
+marks the shard done (`pipelines.latent_shards`). No torch here, so these workers stay light.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class PrecomputeError(InputError):
     """Bad input data or a broken invariant; the message names the file and what is wrong."""
 
 
-def chunk_file(out_dir: str, shard: str, chunk: int) -> str:
-    return storage.join(out_dir, PARTS_DIR, shard, f"chunk-{chunk:06d}.parquet")
+def chunk_file(out_dir: str, shard: str, chunk: int, split: str = "train") -> str:
+    prefix = "" if split == "train" else "val-"
+    return storage.join(out_dir, PARTS_DIR, shard, f"{prefix}chunk-{chunk:06d}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,48 +157,67 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int,
 
 
 def write_chunk(batch: dict[str, np.ndarray], *, out_dir: str, shapes: dict[str, list[int]],
-                row_group_size: int) -> dict[str, np.ndarray]:
-    """Ray Data UDF: an encoded chunk -> `_parts/<shard>/chunk-NNNNNN.parquet`; returns the chunk's
-    bookkeeping (no tensors) for the driver."""
+                row_group_size: int, validation_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Ray Data UDF: an encoded chunk -> `_parts/<shard>/chunk-NNNNNN.parquet` (training split) and,
+    when the chunk holds validation samples, `_parts/<shard>/val-chunk-NNNNNN.parquet`; returns the
+    chunk's bookkeeping (no tensors) for the driver."""
+    import pyarrow as pa
+
     (shard,), (chunk,) = batch["shard"], batch["chunk"]
     meta = json.loads(batch["meta"][0])
-    n = len(meta["uids"])
     table = latent_shards.shard_table(meta["keys"], meta["uids"], meta["captions"],
                                       {name: batch[name][0] for name in shapes if name in batch}, shapes)
-    latent_shards.write_shard(chunk_file(out_dir, str(shard), int(chunk)), [table], shapes, row_group_size)
-    summary = {"written": n, "input_samples": meta["input_samples"], "skipped": meta["skipped"],
-               "converted": meta["converted"]}
+    held_out = latent_shards.is_validation(meta["uids"], validation_fraction)
+    train = table.filter(pa.array(~held_out)) if held_out.any() else table
+    latent_shards.write_shard(chunk_file(out_dir, str(shard), int(chunk)), [train], shapes, row_group_size)
+    if held_out.any():
+        latent_shards.write_shard(chunk_file(out_dir, str(shard), int(chunk), "validation"),
+                                  [table.filter(pa.array(held_out))], shapes, row_group_size)
+    summary = {"written": train.num_rows, "validation_written": int(held_out.sum()),
+               "input_samples": meta["input_samples"], "skipped": meta["skipped"], "converted": meta["converted"]}
     return {"shard": batch["shard"], "chunk": batch["chunk"], "is_last": batch["is_last"],
             "summary": np.array([json.dumps(summary)])}
 
 
 def finalize_shard(out_dir: str, shard: str, source: str, chunk_summaries: list[dict],
                    shapes: dict[str, list[int]], row_group_size: int) -> dict:
-    """Concatenate a shard's chunk parts in order into `<shard>.parquet` (counts in its footer)."""
+    """Concatenate a shard's chunk parts in order into `val/<shard>.parquet` (when the shard holds
+    validation samples) and then `<shard>.parquet` (the training split, with the shard's counts in its
+    footer): the training file comes last because its existence marks the shard done."""
     import pyarrow.parquet as pq
 
     parts_dir = storage.join(out_dir, PARTS_DIR, shard)
-    n_chunks = len(chunk_summaries)
     stats = {
         "source": source,
         "input_samples": sum(s["input_samples"] for s in chunk_summaries),
-        "written": sum(s["written"] for s in chunk_summaries),
+        "written": sum(s["written"] for s in chunk_summaries),  # the training split
+        "validation_written": sum(s.get("validation_written", 0) for s in chunk_summaries),
         "skipped_by_reason": dict(Counter(item[2] for s in chunk_summaries for item in s["skipped"])),
         "converted_by_mode": dict(sum((Counter(s["converted"]) for s in chunk_summaries), Counter())),
         "skipped_samples": [item for s in chunk_summaries for item in s["skipped"]],
     }
     skipped = sum(stats["skipped_by_reason"].values())
-    if stats["input_samples"] != stats["written"] + skipped:
+    if stats["input_samples"] != stats["written"] + stats["validation_written"] + skipped:
         raise PrecomputeError(f"{source}: {stats['input_samples']} input samples != {stats['written']} written "
-                              f"+ {skipped} skipped")
+                              f"(training) + {stats['validation_written']} (validation) + {skipped} skipped")
 
-    def tables():
-        for chunk in range(n_chunks):
-            with storage.open_input(chunk_file(out_dir, shard, chunk)) as handle:
+    def tables(split: str):
+        for chunk, summary in enumerate(chunk_summaries):
+            if split == "validation" and not summary.get("validation_written"):
+                continue  # no validation part for this chunk
+            with storage.open_input(chunk_file(out_dir, shard, chunk, split)) as handle:
                 yield pq.read_table(handle)
 
-    rows = latent_shards.write_shard(storage.join(out_dir, f"{shard}.parquet"), tables(), shapes, row_group_size,
-                                     stats)
+    if stats["validation_written"]:
+        uri = storage.join(out_dir, latent_shards.validation_file(f"{shard}.parquet"))
+        rows = latent_shards.write_shard(uri, tables("validation"), shapes, row_group_size,
+                                         {"source": source, "split": "validation",
+                                          "written": stats["validation_written"]})
+        if rows != stats["validation_written"]:
+            raise PrecomputeError(f"{source}: wrote {rows} validation rows, the chunks reported "
+                                  f"{stats['validation_written']}")
+    rows = latent_shards.write_shard(storage.join(out_dir, f"{shard}.parquet"), tables("train"), shapes,
+                                     row_group_size, stats)
     if rows != stats["written"]:
         raise PrecomputeError(f"{source}: wrote {rows} rows, the chunks reported {stats['written']}")
     storage.delete(parts_dir)

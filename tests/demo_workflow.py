@@ -25,6 +25,7 @@ SMALL_OVERRIDES = {
                 "sampling.steps=2", "train.precision=bf16", "train.audit_collectives=true", "fault.kill_at_step=5"],
     "train_c": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6",
                 "sampling.steps=2", "sampling.steps_b=2"],
+    "evaluate": ["unseen_prompts=2", "n=1", "steps_c=\"3\"", "steps_b=2"],
 }
 
 

@@ -22,9 +22,11 @@ STAGE_A_SHAPE = (4, 16, 16)
 
 
 def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_group_size: int = 8, seed: int = 0,
-                         companions: dict[str, str] | None = None) -> str:
+                         companions: dict[str, str] | None = None, validation_fraction: float | None = None) -> str:
     """A latents/<version>-like dataset. Samples come from a few smooth 'classes' so there is
-    structure to learn; text embeddings identify the class (plus noise)."""
+    structure to learn; text embeddings identify the class (plus noise). `shards` are the rows generated
+    per shard; with `validation_fraction` the samples precompute's rule holds out go to val/ shards (and
+    the manifest's `validation`); None: no validation split, as written before precompute had one."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     shapes = {"text_emb": (TEXT_TOKENS, TEXT_WIDTH), "semantic": SEMANTIC_SHAPE, "stage_a": STAGE_A_SHAPE}
@@ -34,7 +36,7 @@ def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_g
     yy, xx = np.meshgrid(np.linspace(-1, 1, 16), np.linspace(-1, 1, 16), indexing="ij")
     class_latent = np.stack([np.stack([np.sin((k + 1) * xx + c) * np.cos((k + 2) * yy) for c in range(4)])
                              for k in range(classes)]).astype(np.float32)  # (classes, 4, 16, 16)
-    entries = []
+    entries, validation_entries = [], []
     index = 0
     for shard, rows in enumerate(shards):
         label = rng.integers(0, classes, size=rows)
@@ -53,9 +55,17 @@ def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_g
             "stage_a": ld.tensor_column(stage_a),
         }, schema=schema)
         name = f"shard-{shard:05d}.parquet"
+        held_out = ld.is_validation(uids, validation_fraction or 0.0)
+        if held_out.any():
+            os.makedirs(os.path.join(root, ld.VALIDATION_DIR), exist_ok=True)
+            with pq.ParquetWriter(os.path.join(root, ld.validation_file(name)), schema,
+                                  **ld.parquet_writer_options(schema)) as writer:
+                writer.write_table(table.filter(pa.array(held_out)), row_group_size=row_group_size)
+            validation_entries.append({"file": ld.validation_file(name), "rows": int(held_out.sum())})
+            table = table.filter(pa.array(~held_out))
         with pq.ParquetWriter(os.path.join(root, name), schema, **ld.parquet_writer_options(schema)) as writer:
             writer.write_table(table, row_group_size=row_group_size)
-        entries.append({"file": name, "rows": rows})
+        entries.append({"file": name, "rows": table.num_rows})
         index += rows
     empty = rng.normal(size=(TEXT_TOKENS, TEXT_WIDTH)).astype(np.float16)
     buffer = io.BytesIO()
@@ -69,6 +79,9 @@ def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_g
         "counts": {"written": sum(shards)},
         "encoders": {name: {"checkpoint": path} for name, path in (companions or {}).items()},
     }
+    if validation_fraction is not None:
+        manifest["validation"] = {"fraction": validation_fraction, "rule": ld.VALIDATION_RULE,
+                                  "samples": sum(e["rows"] for e in validation_entries), "shards": validation_entries}
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return root

@@ -22,7 +22,7 @@ import helpers
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-PHASES = ["filter", "download", "encoders", "precompute", "train"]
+PHASES = ["filter", "download", "encoders", "precompute", "train", "evaluate"]
 
 pytestmark = [
     pytest.mark.e2e,
@@ -98,6 +98,11 @@ def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, 
     body = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
     for phase in PHASES:
         wait_for(lambda: f"wurst-{phase}" in body(), what=f"experiment wurst-{phase} listed")
+
+    # The evaluation's metrics (the attribute probe), on its run page.
+    (evaluation, *_) = tracking.find_runs("evaluate", tracking_uri=f"sqlite:///{data_root}/mlflow.db")
+    browser.get(f"{url}/#/experiments/{evaluation.info.experiment_id}/runs/{evaluation.info.run_id}")
+    wait_for(lambda: "probe/colour" in body(), what="the evaluation's probe metrics on its run page")
 
     # A training run that logged a sample grid: open its Artifacts tab the way a person does
     # (click the images folder, then the PNG) and check the preview <img> really loaded that image.

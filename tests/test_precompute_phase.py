@@ -259,6 +259,9 @@ def test_version_follows_output_affecting_settings_only(setup):
     assert os.path.basename(precompute.output_dir(_config(overrides, "batch_size=2", "actors=2"))) == version
     assert os.path.basename(precompute.output_dir(_config(overrides, "stage_a_resolution=64"))) != version
     assert os.path.basename(precompute.output_dir(_config(overrides, "outputs=[text, semantic]"))) != version
+    assert os.path.basename(precompute.output_dir(_config(overrides, "validation_fraction=0.05"))) != version
+    # No split (fraction 0) writes what the phase wrote before it had one: that keeps the earlier version.
+    assert "validation_fraction" not in precompute.version_tree(_config(overrides, "validation_fraction=0"))
 
 
 def test_decode_image_converts_modes_and_crops():

@@ -28,7 +28,7 @@ def test_workflow_config_is_validated():
                                                                  {"name": "a", "module": "m"}]})
     cfg = config_lib.load(workflow.WorkflowConfig, DEMO_WORKFLOW)
     assert [s.name for s in cfg.steps] == ["filter", "download", "encoders", "train_a", "precompute", "train_b",
-                                          "train_c", "generate"]
+                                          "train_c", "generate", "evaluate"]
 
 
 def test_demo_data_has_the_faults_the_funnel_must_show(tmp_path):
@@ -44,7 +44,7 @@ def test_demo_data_has_the_faults_the_funnel_must_show(tmp_path):
 def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_workflow_run, ray_cluster, tmp_path):
     summary = demo_workflow_run["summary"]
     assert list(summary) == ["filter", "download", "encoders", "train_a", "precompute", "train_b", "train_c",
-                             "generate"]
+                             "generate", "evaluate"]
     assert all(s["status"] == "ran" for s in summary.values()), summary
     generated = summary["generate"]["output"]
     assert os.path.exists(os.path.join(generated, "grid.png"))
@@ -79,6 +79,16 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
     with open(os.path.join(train_b, "collectives", "rank-00000.json")) as f:
         assert json.load(f)["calls"]["all_reduce"] > 0
 
+    # The evaluation of train_c's export: probe accuracies in evaluation.json and in an MLflow run that
+    # names the training run it evaluates.
+    evaluation = json.load(open(os.path.join(summary["evaluate"]["output"], "evaluation.json")))
+    assert set(evaluation["probe"]["accuracy"]) >= {"background", "colour", "position"}
+    assert evaluation["probe"]["n_images"] == 2 and len(evaluation["prompts"]) == 2
+    e_run = client.get_run(json.load(open(os.path.join(summary["evaluate"]["output"], "manifest.json")))["mlflow_run_id"])
+    c_run_id = json.load(open(os.path.join(summary["train_c"]["output"], "run.json")))["mlflow_run_id"]
+    assert e_run.data.tags["wurst.evaluated_run_id"] == c_run_id and e_run.data.tags["wurst.input_run_id"] == c_run_id
+    assert {"probe/background", "probe/colour", "probe/position"} <= set(e_run.data.metrics)
+
     # Lineage: each phase's MLflow run names the run that produced its input.
     def run_of(step):
         return json.load(open(os.path.join(summary[step]["output"], "manifest.json")))["mlflow_run_id"]
@@ -98,7 +108,7 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
     # whose new version the assertion below shows.)
     changed = small_workflow(demo_workflow_run["base"], demo_workflow_run["demo_root"],
                              demo_workflow_run["data_root"], extra={"filter": ["filters.aesthetic.min=5.5"]},
-                             disable=("train_a", "precompute", "train_b", "train_c", "generate"))
+                             disable=("train_a", "precompute", "train_b", "train_c", "generate", "evaluate"))
     third = run_workflow(ray_cluster, changed)
     # encoders are calibrated on the downloaded images, so they are downstream of the filter too.
     assert [third[s]["status"] for s in ("filter", "download", "encoders")] == ["ran", "ran", "ran"]

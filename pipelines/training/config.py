@@ -28,7 +28,7 @@ COLLECTIVES_DIR = "collectives"  # train.audit_collectives: each rank's collecti
 # Settings that do not change the trained weights: excluded from the run's version hash, and free to
 # change when a run is resumed (e.g. raise max_steps to train longer).
 VERSION_EXCLUDES = (
-    "data_root", "output", "run_name", "mlflow", "ray", "sampling", "checkpoints", "metrics", "fault",
+    "data_root", "output", "run_name", "mlflow", "ray", "sampling", "validation", "checkpoints", "metrics", "fault",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
     "train.allow_config_change", "train.audit_collectives", "train.overlap_comm", "train.bucket_size",
@@ -149,6 +149,39 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass
+class ValidationConfig:
+    """Stage B / C: the loss on the input's held-out split (precompute's `validation_fraction`), logged as
+    val/loss, val/mse and val/loss_t<t>. Deterministic: the same samples, fixed timesteps and fixed noise
+    per (seed, sample, timestep), so it changes only when the weights do (equal across runs and resumes).
+    Evaluated on the trained weights through the engine; with `ema`, also on the EMA weights (val_ema/*)."""
+
+    # Every N steps and at the last step; 0: never.
+    every: int = param(1000, ge=0)
+    # The first N samples of the validation split (manifest order), split between the ranks.
+    max_samples: int = param(1024, ge=1)
+    # The diffusion times t evaluated (val/loss_t<t>); also the centres of the train/loss_t<t> buckets of
+    # the training loss (bucket edges halfway between neighbours, the outer ones 0 and 1).
+    timesteps: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    # Sample i's noise at timesteps[k] is drawn from a torch.Generator seeded from (seed, i, k).
+    seed: int = param(0, ge=0)
+    # Samples per forward; None: train.micro_batch_size.
+    batch_size: Optional[int] = param(None, ge=1)
+    # Also val_ema/*: the EMA weights, gathered in full on every rank and run as a second model copy.
+    ema: bool = False
+
+    def validate(self) -> None:
+        if not self.timesteps:
+            raise ConfigError("timesteps: list at least one diffusion time t in (0, 1]")
+        if not all(0.0 < t <= 1.0 for t in self.timesteps):
+            raise ConfigError(f"timesteps: each t must be in (0, 1], got {self.timesteps}")
+        if any(b <= a for a, b in zip(self.timesteps[:-1], self.timesteps[1:])):
+            raise ConfigError(f"timesteps: must be strictly increasing, got {self.timesteps}")
+        labels = [f"{t:g}" for t in self.timesteps]  # metrics.timestep_label: the metric names must differ
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"timesteps: {self.timesteps} give the same metric name twice ({labels})")
+
+
+@dataclasses.dataclass
 class CheckpointsConfig:
     """The other pieces a run is trained against (stages checkpoint directories). Used for decoded
     sample grids and copied into the export so `pipelines.generate` runs on it. None: taken from the
@@ -228,6 +261,7 @@ class TrainConfig:
     ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     checkpoints: CheckpointsConfig = dataclasses.field(default_factory=CheckpointsConfig)
     stage_a: StageALossConfig = dataclasses.field(default_factory=StageALossConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
@@ -238,6 +272,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
             raise ConfigError(f"run_name: {self.run_name!r} must be a plain directory name")
+        if self.validation.ema and not self.ema.enabled:
+            raise ConfigError("validation.ema: true needs ema.enabled: true (there are no EMA weights to evaluate)")
         if self.fault.kill_rank is not None and self.fault.kill_rank >= self.train.num_workers:
             raise ConfigError(f"fault.kill_rank: {self.fault.kill_rank} is not a rank of {self.train.num_workers} workers")
 

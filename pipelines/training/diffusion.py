@@ -1,25 +1,31 @@
 """`DiffusionRunner`: Stage B and Stage C, diffusion on cached latents (a precompute output).
 
 One DeepSpeed engine; each micro-batch's loss is the stage spec's p2-weighted objective (from
-`stages.diffusion`, with condition dropout against the empty caption's embedding). Sample grids come
-from a fixed preview batch read by its own reader, never from the training stream.
+`stages.diffusion`, with condition dropout against the empty caption's embedding), also reported per
+timestep bucket (train/loss_t<t>). Sample grids come from a fixed preview batch read by its own reader,
+never from the training stream. The validation loss (val/*) is computed on the input's held-out split
+(``val/`` shards) at fixed timesteps with fixed per-sample noise, each rank a contiguous slice of it.
 """
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import stages
+from pipelines import latent_shards
+from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.latent_shards import LatentDataset
 from pipelines.training import data
 from pipelines.training.config import RunPlan, TrainConfig
 from pipelines.training.engine import make_engine, reseed_per_rank
+from pipelines.training.metrics import Ratio, bucket_edges, timestep_label
 from pipelines.training.preview import PreviewContext
 from pipelines.training.runner import Runner
 
@@ -46,6 +52,19 @@ class DiffusionRunner(Runner):
                 1, *plan.shapes["text_emb"]).to(device, self.dtype)
         self._companion_models: dict[str, nn.Module] = {}
         self._preview: dict | None = None
+        timesteps = cfg.validation.timesteps
+        self.bucket_labels = [timestep_label(t) for t in timesteps]
+        self.bucket_edges = torch.tensor(bucket_edges(timesteps), dtype=torch.float32, device=device)
+        manifest = manifest_lib.read(plan.input_uri)
+        self.validation_samples = latent_shards.split_samples(manifest, "validation")
+        if not isinstance(manifest.get("validation"), dict):
+            self._no_validation = (f"{plan.input_uri} has no validation split (written before precompute held one "
+                                   "out); rerun precompute with validation_fraction > 0 for val/* metrics")
+        elif not self.validation_samples:
+            self._no_validation = (f"{plan.input_uri}: its validation split is empty (validation_fraction "
+                                   f"{manifest['validation'].get('fraction')})")
+        else:
+            self._no_validation = None
 
     # ------------------------------------------------------------ data
     def batches(self, start_sample: int) -> Iterator[dict]:
@@ -60,8 +79,11 @@ class DiffusionRunner(Runner):
         return {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in batch.items() if hasattr(v, "to")}
 
     # ------------------------------------------------------------ step
-    def train_step(self, step: int, micro_batches: list[dict]) -> dict[str, float]:
+    def train_step(self, step: int, micro_batches: list[dict]) -> dict:
         losses, mses = [], []
+        buckets = len(self.bucket_labels)
+        bucket_loss = torch.zeros(buckets, dtype=torch.float64, device=self.device)
+        bucket_count = torch.zeros(buckets, dtype=torch.float64, device=self.device)
         for batch in micro_batches:
             batch = self._to_device(batch)
             with self.autocast():
@@ -71,13 +93,86 @@ class DiffusionRunner(Runner):
             self.engine.step()
             losses.append(loss.detach().float())
             mses.append(parts.mse.mean().float())
+            # Each sample's weighted loss into the bucket of its t ([lower edge, upper edge)).
+            bucket = torch.bucketize(parts.t.float(), self.bucket_edges, right=True)
+            bucket_loss.index_add_(0, bucket, parts.weighted.double())
+            bucket_count.index_add_(0, bucket, torch.ones(bucket.shape, dtype=torch.float64, device=self.device))
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = float("nan")
         # Device tensors: the interval metrics sum them on the device and sync once per log step.
-        return {"loss": torch.stack(losses).mean(), "mse": torch.stack(mses).mean(),
-                "grad_norm": grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm),
-                "lr": float(self.scheduler.get_last_lr()[0])}
+        metrics = {"loss": torch.stack(losses).mean(), "mse": torch.stack(mses).mean(),
+                   "grad_norm": grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else float(grad_norm),
+                   "lr": float(self.scheduler.get_last_lr()[0])}
+        metrics.update({f"train/loss_t{label}": Ratio(bucket_loss[k], bucket_count[k])
+                        for k, label in enumerate(self.bucket_labels)})
+        return metrics
+
+    # ------------------------------------------------------------ validation
+    def validation_unavailable(self) -> Optional[str]:
+        return self._no_validation
+
+    def _validation_batches(self, first: int, stop: int) -> Iterator[tuple[int, dict]]:
+        """(index of its first sample in the validation split, batch) for samples [first, stop)."""
+        if stop <= first:
+            return
+        size = self.cfg.validation.batch_size or self.cfg.train.micro_batch_size
+        reader = LatentDataset(self.plan.input_uri, list(self.spec.latent_columns), split="validation",
+                               shuffle=False, infinite=False, start_offset=first, batch_size=size)
+        position = first
+        for batch in reader:
+            rows = min(len(batch["uid"]), stop - position)
+            yield position, {k: v[:rows] for k, v in batch.items()}
+            position += rows
+            if position >= stop:
+                return
+
+    @staticmethod
+    def validation_noise(seed: int, sample: int, bucket: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The fixed noise of validation sample `sample` at timestep `bucket` (float32, on CPU: the same
+        values whatever the device)."""
+        state = np.random.SeedSequence([seed, sample, bucket]).generate_state(1, np.uint64)[0]
+        return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+
+    @torch.no_grad()
+    def validation_loss(self, model: Optional[nn.Module] = None, prefix: str = "val") -> dict[str, float]:
+        """Mean p2-weighted loss (`<prefix>/loss`, and per timestep `<prefix>/loss_t<t>`) and unweighted
+        MSE (`<prefix>/mse`) over the first `validation.max_samples` validation samples and the configured
+        timesteps. Rank r of W takes samples [r n / W, (r+1) n / W); the sums are all-reduced on the
+        training device. `model`: a plain fp32 module (the EMA weights) instead of the engine."""
+        vcfg = self.cfg.validation
+        timesteps = vcfg.timesteps
+        n = min(vcfg.max_samples, self.validation_samples)
+        first, stop = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        target = self.engine if model is None else model
+        dtype = self.dtype if model is None else torch.float32
+        # Per timestep: weighted-loss sums, MSE sums; then the sample count.
+        sums = torch.zeros(2 * len(timesteps) + 1, dtype=torch.float64, device=self.device)
+        was_training = target.training
+        target.eval()  # no dropout: the value depends on the weights alone
+        try:
+            for start, batch in self._validation_batches(first, stop):
+                batch = {k: v.to(self.device, dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                rows = batch[self.spec.target_column].shape[0]
+                shape = tuple(batch[self.spec.target_column].shape[1:])
+                for k, t_value in enumerate(timesteps):
+                    noise = torch.stack([self.validation_noise(vcfg.seed, start + i, k, shape) for i in range(rows)])
+                    t = torch.full((rows,), float(t_value), dtype=torch.float32, device=self.device)
+                    with self.autocast():
+                        _, parts = self.spec.validation_loss(target, batch, t=t, noise=noise.to(self.device, dtype))
+                    sums[k] += parts.weighted.double().sum()
+                    sums[len(timesteps) + k] += parts.mse.double().sum()
+                sums[-1] += rows
+        finally:
+            target.train(was_training)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        values = sums.tolist()
+        count, buckets = values[-1], len(timesteps)
+        out = {f"{prefix}/loss": sum(values[:buckets]) / (count * buckets),
+               f"{prefix}/mse": sum(values[buckets:2 * buckets]) / (count * buckets)}
+        out.update({f"{prefix}/loss_t{label}": values[k] / count for k, label in enumerate(self.bucket_labels)})
+        return out
 
     # ------------------------------------------------------------ samples
     def _companion(self, name: str) -> nn.Module:

@@ -2,10 +2,12 @@
 
 The loop is the same for every stage; the stage's runner (from its `StageSpec`) builds the engines and
 the data stream and runs a step. Around the steps the loop keeps the EMA, logs the interval metrics
-(rank 0 to MLflow), saves a checkpoint every `checkpoint_every` steps (and at the end) through its
-session (`RaySession`: Ray Train, uploaded asynchronously; `LocalSession`: one process, no Ray), resumes
-from the latest one, writes the (EMA) export every `export_every` steps and at the end, draws sample
-grids, records the data trace and runs the fault drill.
+(rank 0 to MLflow), logs the validation loss every `validation.every` steps and at the end (off, with
+one log line saying why, when the input has no validation split), saves a checkpoint every
+`checkpoint_every` steps (and at the end) through its session (`RaySession`: Ray Train, uploaded
+asynchronously; `LocalSession`: one process, no Ray), resumes from the latest one, writes the (EMA)
+export every `export_every` steps and at the end, draws sample grids, records the data trace and runs
+the fault drill.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class WorkerLoop:
         self.mlflow = None
         self.interval = IntervalMetrics(world=self.world, samples_per_step=self.samples_per_step,
                                         num_samples=plan.num_samples, device=self.device)
+        self.validation_off = "validation.every is 0" if not cfg.validation.every else \
+            self.runner.validation_unavailable()
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict) -> None:
@@ -144,16 +148,46 @@ class WorkerLoop:
                                     "derived.precision": self.plan.precision,  # auto resolved
                                     "derived.num_samples": self.plan.num_samples})
 
-    def _log(self) -> dict[str, float]:
-        """Average the interval's metrics over steps and ranks; rank 0 writes them to MLflow."""
-        out = self.interval.reduce(self.step)
-        if self.rank == 0:
-            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
-            if self.mlflow is not None:
-                self.mlflow.log_metrics(out, step=self.step)
-            else:  # a run without MLflow (bench/, the GPU smoke test): <run dir>/metrics.jsonl
-                self.metric_lines.append(json.dumps({"step": self.step, **out}))
-                storage.write_text(storage.join(self.plan.run_dir, METRICS_FILE), "\n".join(self.metric_lines) + "\n")
+    def _log(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Average the interval's metrics over steps and ranks; rank 0 writes them (and `extra`) to MLflow."""
+        out = {**self.interval.reduce(self.step), **(extra or {})}
+        self._write_metrics(out)
+        return out
+
+    def _write_metrics(self, out: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(out.items())))
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(out, step=self.step)
+        else:  # a run without MLflow (bench/, the GPU smoke test): <run dir>/metrics.jsonl
+            self.metric_lines.append(json.dumps({"step": self.step, **out}))
+            storage.write_text(storage.join(self.plan.run_dir, METRICS_FILE), "\n".join(self.metric_lines) + "\n")
+
+    # ---------------------------------------------------------------- validation
+    def _log_validation_plan(self) -> None:
+        if self.rank != 0:
+            return
+        if self.validation_off:
+            log.info("validation off: %s", self.validation_off)
+            return
+        v = self.cfg.validation
+        log.info("validation: val/* every %d steps on %d held-out samples at t=%s (the trained weights%s)",
+                 v.every, min(v.max_samples, self.runner.validation_samples), v.timesteps,
+                 "; val_ema/*: the EMA weights" if v.ema else "")
+
+    def validate(self) -> dict[str, float]:
+        """val/* of the trained weights, and with `validation.ema` val_ema/* of the EMA weights; collective."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # neither evaluation nor module building moves the training RNG
+            out = self.runner.validation_loss(prefix="val")
+            if self.cfg.validation.ema and self.ema is not None:
+                with self.ema.swapped_in():
+                    state = full_fp32_state_dict(self.engine, on_rank0_only=False)
+                module = self.runner.module_from(state, device=self.device)
+                del state
+                out.update(self.runner.validation_loss(module, prefix="val_ema"))
+                del module
         return out
 
     def _flush_trace(self) -> None:
@@ -190,6 +224,7 @@ class WorkerLoop:
         try:
             if self.rank == 0:
                 self._log_params()
+            self._log_validation_plan()
             batches = self.runner.batches(start_sample=self.step * self.samples_per_step)
             last_metrics: dict[str, float] = {}
             while self.step < cfg.train.max_steps:
@@ -207,8 +242,14 @@ class WorkerLoop:
                 if log_due and self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the interval's time includes its queued GPU work
                 self.interval.add(metrics, time.perf_counter() - started)
+                # After the interval's clock: evaluation time is not step time. Logged with the step's metrics.
+                validation_due = not self.validation_off and (
+                    self.step % cfg.validation.every == 0 or self.step == cfg.train.max_steps)
+                validation = self.validate() if validation_due else {}
                 if log_due:
-                    last_metrics = self._log()
+                    last_metrics = self._log(validation)
+                elif validation:
+                    self._write_metrics(validation)
                 sample_due = cfg.sampling.every and self.step % cfg.sampling.every == 0
                 export_due = cfg.train.export_every and self.step % cfg.train.export_every == 0
                 if (sample_due or export_due) and self.step != cfg.train.max_steps:

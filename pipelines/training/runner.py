@@ -76,6 +76,15 @@ class Runner:
         """One optimizer step (`step`, 1-based) over the micro-batches; returns the step's metrics."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------ validation
+    def validation_unavailable(self) -> Optional[str]:
+        """Why this run cannot compute a validation loss (None: it can)."""
+        return f"{self.spec.label} has no held-out validation split"
+
+    def validation_loss(self, model: Optional[nn.Module] = None, prefix: str = "val") -> dict[str, float]:
+        """The validation metrics `<prefix>/...` of the engine's weights (or of `model`); collective."""
+        raise NotImplementedError
+
     def flops_per_sample(self) -> float:
         """Model FLOPs of one training sample of the trained stage alone (for Stage A: without the
         perceptual network and the discriminator)."""

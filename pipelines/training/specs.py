@@ -100,6 +100,7 @@ class DiffusionSpec(StageSpec):
     id_column = "uid"
     runner_class = DiffusionRunner
     tensor_columns: ClassVar[tuple[str, ...]]  # the latent columns the model reads
+    target_column: ClassVar[str]  # the latent the model denoises (its noise has this column's shape)
     text_width_field: ClassVar[str]  # the model config field text_emb's width must equal
     semantic_channels_field: ClassVar[str]  # ... and the semantic latent's channels
 
@@ -150,6 +151,11 @@ class DiffusionSpec(StageSpec):
         """(p2-weighted loss, per-sample LossParts) on a micro-batch of latents."""
         raise NotImplementedError
 
+    def validation_loss(self, model, batch: dict[str, torch.Tensor], *, t: torch.Tensor, noise: torch.Tensor):
+        """(p2-weighted loss, per-sample LossParts) at the given timesteps and noise, with the conditioning as
+        it is (no dropout or augmentation): deterministic for fixed weights."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def preview(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: PreviewContext):
         """Sample grid from the preview batch: row 1 the dataset's latents, row 2 the model's samples
@@ -169,7 +175,7 @@ class DiffusionSpec(StageSpec):
 class StageCSpec(DiffusionSpec):
     name, kind = "c", "stage_c"
     config_class, model_class = StageCConfig, StageC
-    tensor_columns = ("text_emb", "semantic")
+    tensor_columns, target_column = ("text_emb", "semantic"), "semantic"
     text_width_field, semantic_channels_field = "c_cond", "c_in"
 
     def presets(self) -> dict[str, Callable[[], Any]]:
@@ -181,6 +187,10 @@ class StageCSpec(DiffusionSpec):
         x0 = to_stage_c(batch["semantic"].float()).to(batch["semantic"].dtype)
         return diffusion.stage_c_loss(model, x0, batch["text_emb"], text_uncond=text_uncond,
                                       text_dropout=data_cfg.text_dropout, generator=generator)
+
+    def validation_loss(self, model, batch, *, t, noise):
+        x0 = to_stage_c(batch["semantic"].float()).to(batch["semantic"].dtype)
+        return diffusion.stage_c_loss(model, x0, batch["text_emb"], t=t, noise=noise)
 
     def forward(self, model, inputs, r):
         return model(inputs["semantic"], r, inputs["text_emb"])
@@ -211,7 +221,7 @@ class StageCSpec(DiffusionSpec):
 class StageBSpec(DiffusionSpec):
     name, kind = "b", "stage_b"
     config_class, model_class = StageBConfig, StageB
-    tensor_columns = ("text_emb", "semantic", "stage_a")
+    tensor_columns, target_column = ("text_emb", "semantic", "stage_a"), "stage_a"
     text_width_field, semantic_channels_field = "clip_embd", "effnet_embd"
 
     def check_shapes(self, config, shapes, source) -> None:
@@ -227,6 +237,9 @@ class StageBSpec(DiffusionSpec):
             text_dropout=data_cfg.text_dropout, effnet_dropout=data_cfg.effnet_dropout,
             effnet_noise_probability=data_cfg.effnet_noise_probability,
             effnet_noise_max_t=data_cfg.effnet_noise_max_t, generator=generator)
+
+    def validation_loss(self, model, batch, *, t, noise):
+        return diffusion.stage_b_loss(model, batch["stage_a"], batch["semantic"], batch["text_emb"], t=t, noise=noise)
 
     def forward(self, model, inputs, r):
         return model(inputs["stage_a"], r, inputs["semantic"], inputs["text_emb"])
