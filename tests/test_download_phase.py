@@ -432,6 +432,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, servers, embedded
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e  # the workflow test submits download as a Ray job too; this adds the albumentations check
 def test_phase_as_ray_job(ray_cluster, tmp_path, servers):
     main, _ = servers
     urls = [main.add(f"/job/{i}.jpg", Route(body=jpeg_bytes(2000 + i))) for i in range(5)]

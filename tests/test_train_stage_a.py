@@ -85,6 +85,7 @@ def submit_train_a(cluster, name: str, images: str, *overrides: str) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow_e2e  # ~55 s; the workflow test trains Stage A as a Ray job and precompute encodes with its export
 def test_stage_a_job_improves_reconstructions_and_exports_for_precompute(ray_cluster, a_reference, images):
     client = helpers.mlflow_client(ray_cluster.data_root)
     run_id = a_reference["info"]["mlflow_run_id"]
