@@ -66,7 +66,7 @@ def main(argv=None) -> None:
                            infinite=False, batch_size=args.samples)
     batch = next(iter(reader))
     captions = [c for c in batch["caption"]]
-    keep = [i for i, c in enumerate(captions) if _is_demo(probe, c)]
+    keep = [i for i, c in enumerate(captions) if probe.is_demo_caption(c)]
     captions = [captions[i] for i in keep]
     rows = {}
     generator = torch.Generator().manual_seed(0)
@@ -95,14 +95,6 @@ def main(argv=None) -> None:
         print(f"{name:<50}{result['n_images']:>4}" + "".join(f"{result['accuracy'][a]:11.2f}" for a in attributes)
               + f"{result['no_object']:>11}")
     print(f"{'chance':<54}" + "".join(f"{probe.CHANCE[a]:11.2f}" for a in attributes))
-
-
-def _is_demo(probe, caption: str) -> bool:
-    try:
-        probe.parse_caption(caption)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ class EvaluatePhase(Phase):
             return False
         from pipelines.evaluation import probe
 
-        demo = all(_is_demo_caption(probe, p) for p in prompts)
+        demo = all(probe.is_demo_caption(p) for p in prompts)
         if cfg.probe == "on" and not demo:
             raise ConfigError("probe: on, but not every prompt is a demo caption (the probe reads the demo's "
                               "shapes, colours and positions)")
@@ -270,14 +270,6 @@ class EvaluatePhase(Phase):
         generated = fid.stats_of_image_batches(inception, (pixels[i:i + 32] for i in range(0, len(pixels), 32)))
         return {"fid": fid.fid_from_stats(generated, reference), "reference_images": reference.count,
                 "generated_images": generated.count, "resolution": size}
-
-
-def _is_demo_caption(probe, text: str) -> bool:
-    try:
-        probe.parse_caption(text)
-    except ValueError:
-        return False
-    return True
 
 
 def probe_table(scored: dict) -> dict[str, list]:

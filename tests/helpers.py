@@ -143,3 +143,20 @@ def mlflow_client(data_root: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(sqlite_tracking_uri(data_root))
+
+
+def write_tiny_clip(folder):
+    """A random tiny open_clip CLIP (stages.text's wurst-tiny-clip config) saved as
+    `<folder>/open_clip_model.safetensors`, the way a local CLIP checkpoint is laid out; returns the model."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from stages.text import TINY_CLIP_CONFIG, TINY_CLIP_NAME, register_open_clip_config
+
+    register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(str(folder), "open_clip_model.safetensors"))
+    return model.eval()

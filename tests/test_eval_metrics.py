@@ -23,7 +23,9 @@ from pipelines.evaluation.fid import (
     load_inception,
     stats_of_image_batches,
 )
-from stages.text import TINY_CLIP_CONFIG, TINY_CLIP_NAME, register_open_clip_config
+from stages.text import TINY_CLIP_CONFIG, TINY_CLIP_NAME
+
+import helpers
 
 
 def _correlated_gaussian(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -246,15 +248,8 @@ def no_network(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    import open_clip
-    from safetensors.torch import save_file
-
-    register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
     folder = tmp_path_factory.mktemp("tiny-clip")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder, model.eval()
+    return folder, helpers.write_tiny_clip(folder)
 
 
 def _prompts() -> list[str]:

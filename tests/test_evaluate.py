@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines import config as config_lib
 from pipelines import demo_data, evaluate, export_layout, manifest
@@ -39,16 +38,10 @@ def write_stage_c_export(run_dir: str, latents: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    import open_clip
-    from safetensors.torch import save_file
+    from stages.text import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 
-    from stages.text import TINY_CLIP_CONFIG, TINY_CLIP_NAME, register_open_clip_config
-
-    register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
     folder = tmp_path_factory.mktemp("tiny-clip")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    helpers.write_tiny_clip(folder)
     return str(folder), TINY_CLIP_NAME, TINY_CLIP_CONFIG
 
 

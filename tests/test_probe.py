@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipelines.demo_data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, draw
 from pipelines.evaluation import probe
@@ -117,6 +117,14 @@ def test_plain_background_reads_as_no_object(px, background):
         assert read["background"] == background
         assert read["object"] is False
         assert [read[a] for a in ("colour", "position", "shape", "size")] == [None] * 4
+
+
+def test_blob_that_is_no_demo_shape_reads_as_no_shape():
+    image = Image.new("RGB", (128, 128), BACKGROUNDS["grey"])
+    ImageDraw.Draw(image).ellipse([20, 50, 110, 80], fill=COLOURS["red"])  # 3:1, unlike any template
+    read = probe.read_image(image)
+    assert (read["object"], read["colour"], read["position"], read["shape"]) == (True, "red", "centre", None)
+    assert read["shape_iou"] < probe.MIN_SHAPE_IOU
 
 
 def test_array_input_reads_like_pil_input():
