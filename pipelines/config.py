@@ -80,6 +80,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
+        # YAML 1.1 (PyYAML, and so --set) reads a bare on / off as true / false: the words, where they are choices.
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
         return value

@@ -8,6 +8,8 @@ Inception network loaded from a local weights file, and CLIP score with a local 
 the images, `grid.png` and `evaluation.json` to `<data_root>/evaluations/<version>/`, and logs the
 metrics, the grid and a per-prompt table to an MLflow run tagged with the training run it evaluates.
 The version derives from the export (its step and record) and the settings: re-evaluating is a no-op.
+The trainer's periodic evaluation (`pipelines.training.periodic_eval`) picks and scores its prompts with
+the same functions (`evaluation_prompts`, `probe_applies`, `score_images`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class ClipScoreConfig:
     # An inline open_clip model config for a custom (e.g. tiny test) model; None: open_clip's own.
     model_cfg: Optional[dict] = None
 
+    def validate(self) -> None:
+        if self.checkpoint and not self.model_name:
+            raise ConfigError("model_name: required with checkpoint (the open_clip model name)")
+
 
 @dataclasses.dataclass
 class EvaluateConfig:
@@ -77,8 +83,6 @@ class EvaluateConfig:
         if self.fid.reference and not (self.fid.inception_weights or self.fid.random_inception_seed is not None):
             raise ConfigError("fid.inception_weights: required with fid.reference (a local "
                               "pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
-        if self.clip.checkpoint and not self.clip.model_name:
-            raise ConfigError("clip.model_name: required with clip.checkpoint (the open_clip model name)")
 
 
 def export_dir(uri: str) -> str:
@@ -106,6 +110,75 @@ def training_captions(latents_uri: str) -> list[str]:
     for path in shards:
         captions += pq.read_table(storage.local_copy(path), columns=["caption"]).column("caption").to_pylist()
     return captions
+
+
+# ------------------------------------------------------------------ shared with the trainer's periodic evaluation
+
+
+def evaluation_prompts(prompts: list[str], unseen: int, latents_uri: str, seed: int,
+                       key: str = "unseen_prompts") -> list[str]:
+    """`prompts`, then `unseen` demo prompts whose attribute combinations the training captions (of the
+    latent dataset `latents_uri`) never contain. `key` names the setting in errors."""
+    chosen = list(prompts)
+    if unseen:
+        from pipelines.evaluation import probe
+
+        try:
+            chosen += probe.unseen_prompts(training_captions(latents_uri), unseen, seed=seed)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return chosen
+
+
+def probe_applies(mode: str, prompts: list[str], key: str = "probe") -> bool:
+    """Whether the demo attribute probe scores these prompts: `auto` when every one is a demo caption;
+    `on` insists (ConfigError naming `key` otherwise); `off` never."""
+    if mode == "off":
+        return False
+    from pipelines.evaluation import probe
+
+    demo = all(probe.is_demo_caption(p) for p in prompts)
+    if mode == "on" and not demo:
+        raise ConfigError(f"{key}: on, but not every prompt is a demo caption (the probe reads the demo's "
+                          "shapes, colours and positions)")
+    return demo
+
+
+def load_clip_scorer(cfg: ClipScoreConfig, device=None) -> Optional[tuple]:
+    """(open_clip model, tokenizer) from the configured local checkpoint; None when none is configured."""
+    if not cfg.checkpoint:
+        return None
+    from pipelines.evaluation import clip_score
+
+    return clip_score.load_clip(cfg.checkpoint, cfg.model_name, model_cfg=cfg.model_cfg, device=device)
+
+
+@dataclasses.dataclass
+class ImageScores:
+    """What `score_images` measured: flat metrics (`probe/<attribute>`, `clip_score`) and the details."""
+
+    metrics: dict[str, float]
+    probe: Optional[dict] = None  # probe.score's result
+    clip_score: Optional[dict] = None  # {"mean", "per_image"}
+
+
+def score_images(images: list, prompts: list[str], *, probe: bool, clip: Optional[tuple] = None) -> ImageScores:
+    """Score images[i] against prompts[i]: the demo attribute probe when `probe`, CLIP score with `clip`
+    (`load_clip_scorer`'s model and tokenizer) when given."""
+    scores = ImageScores(metrics={})
+    if probe:
+        from pipelines.evaluation import probe as probe_lib
+
+        scores.probe = probe_lib.score(images, prompts)
+        scores.metrics.update({f"probe/{attribute}": value for attribute, value in scores.probe["accuracy"].items()})
+    if clip is not None:
+        from pipelines.evaluation import clip_score
+
+        model, tokenizer = clip
+        result = clip_score.clip_score(model, tokenizer, images, prompts)
+        scores.clip_score = {"mean": float(result.mean), "per_image": [float(v) for v in result.per_image]}
+        scores.metrics["clip_score"] = float(result.mean)
+    return scores
 
 
 def reference_batches(uri: str, limit: int, size: int, batch: int = 32):
@@ -180,12 +253,8 @@ class EvaluatePhase(Phase):
         if record.get("stage") != "c":
             raise InputError(f"input: {export} is a Stage {str(record.get('stage')).upper()} export; evaluation "
                              "generates from text and needs a Stage C run's export")
-        prompts = list(cfg.prompts)
-        if cfg.unseen_prompts:
-            from pipelines.evaluation import probe
-
-            prompts += probe.unseen_prompts(training_captions(record["input"]), cfg.unseen_prompts, seed=cfg.seed)
-        ctx.state.update(export=export, record=record, prompts=prompts)
+        prompts = evaluation_prompts(cfg.prompts, cfg.unseen_prompts, record["input"], cfg.seed)
+        ctx.state.update(export=export, record=record, prompts=prompts, probe=probe_applies(cfg.probe, prompts))
 
     def mlflow_tags(self, ctx: Context) -> dict:
         record = ctx.state.get("record") or {}
@@ -210,28 +279,21 @@ class EvaluatePhase(Phase):
             steps_c=cfg.steps_c, steps_b=cfg.steps_b, guidance_c=cfg.guidance_c, guidance_b=cfg.guidance_b,
             batch_size=cfg.batch_size, out_dir=images_dir)
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in result.images])
-        metrics: dict[str, float] = {}
+        scores = score_images(list(result.images), result.prompts, probe=ctx.state["probe"],
+                              clip=load_clip_scorer(cfg.clip))
+        metrics: dict[str, float] = dict(scores.metrics)
         evaluation: dict = {"export": export, "step": ctx.state["record"].get("step"), "prompts": prompts,
                             "n": cfg.n, "images": [os.path.relpath(p, out) for p in result.files]}
-
-        if self._probe_applies(cfg, prompts):
+        if scores.probe is not None:
             from pipelines.evaluation import probe
 
-            scored = probe.score(list(result.images), result.prompts)
-            evaluation["probe"] = scored
-            for attribute, value in scored["accuracy"].items():
-                metrics[f"probe/{attribute}"] = value
-            log.info("attribute probe:\n%s", probe.format_table(scored))
+            evaluation["probe"] = scores.probe
+            log.info("attribute probe:\n%s", probe.format_table(scores.probe))
         if cfg.fid.reference:
             evaluation["fid"] = self._fid(cfg, pixels)
             metrics["fid"] = evaluation["fid"]["fid"]
-        if cfg.clip.checkpoint:
-            from pipelines.evaluation import clip_score
-
-            model, tokenizer = clip_score.load_clip(cfg.clip.checkpoint, cfg.clip.model_name, model_cfg=cfg.clip.model_cfg)
-            scores = clip_score.clip_score(model, tokenizer, list(result.images), result.prompts)
-            evaluation["clip_score"] = {"mean": float(scores.mean), "per_image": [float(v) for v in scores.per_image]}
-            metrics["clip_score"] = float(scores.mean)
+        if scores.clip_score is not None:
+            evaluation["clip_score"] = scores.clip_score
 
         evaluation["metrics"] = metrics
         storage.write_json(storage.join(ctx.output, "evaluation.json"), evaluation)
@@ -246,18 +308,6 @@ class EvaluatePhase(Phase):
         return Outcome(counts={"images": len(result.images), "prompts": len(prompts)},
                        extra={"metrics": metrics, "export": export},
                        details={"metrics": metrics, "evaluation": evaluation})
-
-    @staticmethod
-    def _probe_applies(cfg: EvaluateConfig, prompts: list[str]) -> bool:
-        if cfg.probe == "off":
-            return False
-        from pipelines.evaluation import probe
-
-        demo = all(probe.is_demo_caption(p) for p in prompts)
-        if cfg.probe == "on" and not demo:
-            raise ConfigError("probe: on, but not every prompt is a demo caption (the probe reads the demo's "
-                              "shapes, colours and positions)")
-        return demo
 
     @staticmethod
     def _fid(cfg: EvaluateConfig, pixels) -> dict:

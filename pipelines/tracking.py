@@ -137,6 +137,41 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
+# --------------------------------------------------------------------------------------------
+# The model registry (the train phase's `mlflow.register_model`)
+
+_EXISTS = ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+
+
+def ensure_registered_model(tracking_uri: str, name: str) -> None:
+    """Create registered model `name` unless it exists. Fails (with MLflow's error) when the registry cannot
+    be reached or written: the caller checks this before training, not at the first export."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in _EXISTS:
+            raise
+
+
+def register_artifacts(tracking_uri: str, name: str, run_id: str, artifact_path: str,
+                       tags: dict[str, str] | None = None):
+    """A version of registered model `name` whose source is the run's artifacts `runs:/<run_id>/<artifact_path>`;
+    the existing one when that source is already registered (a resumed run that exports the same step again).
+    Created with the client: MLflow 3's `mlflow.register_model` accepts only logged models (an MLmodel file
+    or a LoggedModel), and an export is a stages checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    source = f"runs:/{run_id}/{artifact_path}"
+    for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        if version.source == source:
+            return version
+    return client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+
+
 def find_runs(phase: str, *, tracking_uri: str, experiment_prefix: str = "wurst") -> list:
     """All runs of a phase's experiment, newest first (tests and the workflow use this)."""
     from mlflow.tracking import MlflowClient

@@ -25,7 +25,11 @@ How a run works
   against are copied once to ``export/companions/``, and ``export/latest.json`` names the newest export, so
   ``python -m pipelines.generate --checkpoints <run dir>/export`` (latest) or ``.../export/<step>`` works.
 * Rank 0 logs to MLflow: loss (p2-weighted, the objective), unweighted MSE, lr, grad norm, samples/s,
-  TFLOP/s and MFU, GPU memory, system metrics, and a sample grid every ``sampling.every`` steps.
+  TFLOP/s and MFU, GPU memory, system metrics, a sample grid every ``sampling.every`` steps, the eval/*
+  metrics of the periodic evaluation every ``evaluation.every`` steps (``pipelines.training.periodic_eval``),
+  and each export as artifacts ``export/<step>/`` (a new version of ``mlflow.register_model`` when set).
+* The MLflow run is named ``<stage>-<preset>-data<input version>-<UTC date>`` (``run_name`` or
+  ``mlflow.run_name`` when set); the run directory keeps its version-hash name (tag ``wurst.run_name``).
 * The run is complete (and a rerun skips it) once its manifest records ``train.max_steps`` steps; raising
   max_steps resumes the same run and rewrites the manifest.
 """
@@ -39,6 +43,7 @@ from typing import Optional
 
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
+from pipelines.config import ConfigError
 from pipelines.phase import Context, Outcome, Phase, module_cli
 from pipelines.runtime import recover_cwd
 from pipelines.training import driver
@@ -81,10 +86,25 @@ class TrainPhase(Phase):
         return dataclasses.replace(cfg.mlflow, system_metrics=False)  # rank 0 records the training node's
 
     def mlflow_run_name(self, ctx: Context) -> str:
-        return ctx.version
+        """Readable in the UI (stage, preset, input version, date); the run dir's name is tag wurst.run_name.
+        Used only when the MLflow run is created: a resumed run keeps its name."""
+        return driver.mlflow_run_name(ctx.cfg, ctx.input_uri)
 
     def mlflow_tags(self, ctx: Context) -> dict:
         return {"wurst.run_name": ctx.version, "wurst.run_dir": ctx.output, "wurst.stage": ctx.cfg.stage}
+
+    def check_registry(self, cfg: TrainConfig) -> None:
+        """`mlflow.register_model`: the registry is reachable and the model exists (created if needed) before
+        any training, so an unusable registry stops the run at start-up rather than at its first export."""
+        name = cfg.mlflow.register_model
+        if not name:
+            return
+        uri = tracking.tracking_uri_for(cfg.data_root, cfg.mlflow.tracking_uri)
+        try:
+            tracking.ensure_registered_model(uri, name)
+        except Exception as exc:  # noqa: BLE001 - any failure: the registry cannot be used
+            raise ConfigError(f"mlflow.register_model: the model registry of {uri} cannot be used to register "
+                              f"{name!r}: {type(exc).__name__}: {exc}") from None
 
     def resume_run_id(self, ctx: Context) -> Optional[str]:
         return (ctx.state["info"] or {}).get("mlflow_run_id")
@@ -105,6 +125,12 @@ class TrainPhase(Phase):
         if info is not None:
             driver.check_resume(cfg, info, plan.run_dir)
             log.info("train: resuming run %s", plan.run_dir)
+        self.check_registry(cfg)
+
+    def fit(self, cfg: TrainConfig, plan) -> tuple[Optional[int], Optional[str]]:
+        """Train to max_steps under Ray Train; (the last reported step, its checkpoint's path)."""
+        result = driver.fit(cfg, plan)
+        return (result.metrics or {}).get("step"), result.checkpoint.path if result.checkpoint else None
 
     def execute(self, ctx: Context) -> Outcome:
         cfg, plan, info = ctx.cfg, ctx.state["plan"], ctx.state["info"]
@@ -116,10 +142,10 @@ class TrainPhase(Phase):
             if info is not None and info.get("mlflow_run_id") == plan.mlflow_run_id:
                 ctx.set_tags({"wurst.resumed": "true"})
         driver.record_run(cfg, plan, info)
-        result = driver.fit(cfg, plan)
-        summary = {"run_dir": plan.run_dir, "run_name": plan.run_name, "step": (result.metrics or {}).get("step"),
+        step, checkpoint = self.fit(cfg, plan)
+        summary = {"run_dir": plan.run_dir, "run_name": plan.run_name, "step": step,
                    "export": storage.join(plan.run_dir, EXPORT_DIR), "mlflow_run_id": plan.mlflow_run_id,
-                   "checkpoint": result.checkpoint.path if result.checkpoint else None}
+                   "checkpoint": checkpoint}
         return Outcome(counts={"steps": summary["step"], "max_steps": cfg.train.max_steps},
                        extra={"stage": cfg.stage, "run_name": plan.run_name, "export": summary["export"]},
                        details=summary)

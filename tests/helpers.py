@@ -22,11 +22,13 @@ STAGE_A_SHAPE = (4, 16, 16)
 
 
 def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_group_size: int = 8, seed: int = 0,
-                         companions: dict[str, str] | None = None, validation_fraction: float | None = None) -> str:
+                         companions: dict[str, str] | None = None, validation_fraction: float | None = None,
+                         class_captions: tuple[str, ...] | None = None) -> str:
     """A latents/<version>-like dataset. Samples come from a few smooth 'classes' so there is
     structure to learn; text embeddings identify the class (plus noise). `shards` are the rows generated
     per shard; with `validation_fraction` the samples precompute's rule holds out go to val/ shards (and
-    the manifest's `validation`); None: no validation split, as written before precompute had one."""
+    the manifest's `validation`); None: no validation split, as written before precompute had one.
+    `class_captions`: the caption of each of the 4 classes (default "a picture of class <k>")."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     shapes = {"text_emb": (TEXT_TOKENS, TEXT_WIDTH), "semantic": SEMANTIC_SHAPE, "stage_a": STAGE_A_SHAPE}
@@ -49,7 +51,7 @@ def write_latent_dataset(root: str, *, shards: tuple[int, ...] = (24, 24), row_g
         table = pa.table({
             "key": [f"{shard:05d}{i:04d}" for i in range(rows)],
             "uid": uids,
-            "caption": [f"a picture of class {k}" for k in label],
+            "caption": [class_captions[k] if class_captions else f"a picture of class {k}" for k in label],
             "text_emb": ld.tensor_column(text),
             "semantic": ld.tensor_column(semantic),
             "stage_a": ld.tensor_column(stage_a),

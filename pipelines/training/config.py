@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 
 from pipelines import tracking
 from pipelines.config import ConfigError, param
+from pipelines.evaluate import ClipScoreConfig
 from pipelines.runtime import RayConfig, default_data_root
 
 # The run directory, <runs root>/<run name>/: run.json (the MLflow run id, the weights hash and the
@@ -28,7 +29,8 @@ COLLECTIVES_DIR = "collectives"  # train.audit_collectives: each rank's collecti
 # Settings that do not change the trained weights: excluded from the run's version hash, and free to
 # change when a run is resumed (e.g. raise max_steps to train longer).
 VERSION_EXCLUDES = (
-    "data_root", "output", "run_name", "mlflow", "ray", "sampling", "validation", "checkpoints", "metrics", "fault",
+    "data_root", "output", "run_name", "mlflow", "ray", "sampling", "validation", "evaluation", "checkpoints",
+    "metrics", "fault",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
     "train.allow_config_change", "train.audit_collectives", "train.overlap_comm", "train.bucket_size",
@@ -182,6 +184,53 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class EvaluationConfig:
+    """Periodic evaluation on rank 0 with the weights the export writes (the EMA weights when `ema.enabled`),
+    every N steps and at the last step. Stage C generates `n` images per prompt through the run's text
+    encoder, Stage B and Stage A, scored as eval/probe/<attribute> (the demo attribute probe, when every
+    prompt is a demo caption) and eval/clip_score (with `clip.checkpoint`). Stage B samples Stage A latents
+    from the true semantic latents of the first `samples` held-out samples (the training shards' first when
+    the input has no validation split), decodes them with the run's Stage A and scores them against their
+    captions: eval/probe_b/<attribute>, eval/clip_score_b. Scored by `pipelines.evaluate`'s functions."""
+
+    # Every N steps and at the last step; 0: never.
+    every: int = param(0, ge=0)
+    # Stage C: prompts, plus `unseen_prompts` demo prompts whose attribute combinations the training
+    # captions lack (pipelines.evaluation.probe.unseen_prompts).
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    unseen_prompts: int = param(0, ge=0)
+    probe: Literal["auto", "on", "off"] = "auto"  # auto: on when every prompt (caption) is a demo caption
+    n: int = param(1, ge=1)  # Stage C: images per prompt
+    samples: int = param(4, ge=1)  # Stage B: samples decoded and scored
+    steps_c: int = param(8, ge=1)  # DDPM steps of Stage C (Stage C runs)
+    steps_b: int = param(4, ge=1)  # ... of Stage B (the trained one, or the companion decoding Stage C's latents)
+    guidance_c: float = param(2.0, ge=0.0)
+    guidance_b: float = param(0.0, ge=0.0)
+    # Stage C: the generated images' size (Stage B's latent must fit its U-Net, see pipelines.generate).
+    height: int = param(128, ge=8)
+    width: int = param(128, ge=8)
+    seed: int = 0
+    batch_size: int = param(8, ge=1)
+    clip: ClipScoreConfig = dataclasses.field(default_factory=ClipScoreConfig)
+
+
+@dataclasses.dataclass
+class TrainMlflowConfig(tracking.MlflowConfig):
+    # A registered model name: every export is logged to the run as artifacts export/<step>/ and, with a
+    # name here, becomes a new version of that registered model (source runs:/<run id>/export/<step>).
+    register_model: Optional[str] = None
+
+    def validate(self) -> None:
+        name = self.register_model
+        if name is not None and (not name.strip() or any(c in name for c in "/:'\"")):
+            raise ConfigError(f"register_model: {name!r} is not a registered model name (non-empty, without / : "
+                              "or quotes)")
+        if name is not None and not self.enabled:
+            raise ConfigError("register_model: needs mlflow.enabled: true (a version points at the MLflow run's "
+                              "artifacts)")
+
+
+@dataclasses.dataclass
 class CheckpointsConfig:
     """The other pieces a run is trained against (stages checkpoint directories). Used for decoded
     sample grids and copied into the export so `pipelines.generate` runs on it. None: taken from the
@@ -267,7 +316,8 @@ class TrainConfig:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
-    mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    mlflow: TrainMlflowConfig = dataclasses.field(default_factory=TrainMlflowConfig)
 
     def validate(self) -> None:
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
@@ -276,6 +326,19 @@ class TrainConfig:
             raise ConfigError("validation.ema: true needs ema.enabled: true (there are no EMA weights to evaluate)")
         if self.fault.kill_rank is not None and self.fault.kill_rank >= self.train.num_workers:
             raise ConfigError(f"fault.kill_rank: {self.fault.kill_rank} is not a rank of {self.train.num_workers} workers")
+        self._validate_evaluation()
+
+    def _validate_evaluation(self) -> None:
+        evaluation = self.evaluation
+        if not evaluation.every:
+            return
+        if self.stage == "a":
+            raise ConfigError("evaluation.every: Stage A runs have no periodic evaluation (Stage B and C do); set 0")
+        if self.stage == "c" and not evaluation.prompts and not evaluation.unseen_prompts:
+            raise ConfigError("evaluation.prompts: give prompts, or unseen_prompts: N (demo datasets)")
+        if self.stage == "b" and (evaluation.prompts or evaluation.unseen_prompts):
+            raise ConfigError("evaluation.prompts: Stage B is evaluated on samples of its input against their own "
+                              "captions (evaluation.samples); prompts and unseen_prompts are for Stage C")
 
 
 @dataclasses.dataclass
@@ -296,3 +359,6 @@ class RunPlan:
     empty_text_emb: Optional[str]
     companions: dict[str, str]
     precision: str = "fp32"  # resolved train.precision: fp32 | bf16 | bf16-weights
+    # evaluation.every: the texts the evaluated images are scored against (Stage C: the prompts, resolved once
+    # by the driver; Stage B: the evaluated samples' captions).
+    evaluation_prompts: list[str] = dataclasses.field(default_factory=list)

@@ -4,7 +4,9 @@ One DeepSpeed engine; each micro-batch's loss is the stage spec's p2-weighted ob
 `stages.diffusion`, with condition dropout against the empty caption's embedding), also reported per
 timestep bucket (train/loss_t<t>). Sample grids come from a fixed preview batch read by its own reader,
 never from the training stream. The validation loss (val/*) is computed on the input's held-out split
-(``val/`` shards) at fixed timesteps with fixed per-sample noise, each rank a contiguous slice of it.
+(``val/`` shards) at fixed timesteps with fixed per-sample noise, each rank a contiguous slice of it. The
+periodic evaluation (eval/*) scores the images the stage spec draws (Stage C: generated from prompts; Stage B:
+decoded from the evaluated samples) with `periodic_eval.Evaluator`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pipelines.training import data
 from pipelines.training.config import RunPlan, TrainConfig
 from pipelines.training.engine import make_engine, reseed_per_rank
 from pipelines.training.metrics import Ratio, bucket_edges, timestep_label
+from pipelines.training.periodic_eval import EvaluationContext, Evaluator
 from pipelines.training.preview import PreviewContext
 from pipelines.training.runner import Runner
 
@@ -52,6 +55,7 @@ class DiffusionRunner(Runner):
                 1, *plan.shapes["text_emb"]).to(device, self.dtype)
         self._companion_models: dict[str, nn.Module] = {}
         self._preview: dict | None = None
+        self._evaluator: Evaluator | None = None
         timesteps = cfg.validation.timesteps
         self.bucket_labels = [timestep_label(t) for t in timesteps]
         self.bucket_edges = torch.tensor(bucket_edges(timesteps), dtype=torch.float32, device=device)
@@ -198,3 +202,16 @@ class DiffusionRunner(Runner):
                                  source=f"{self.plan.run_name}@{step}", available=frozenset(self.plan.companions),
                                  load=self._companion)
         return self.spec.preview(model, self._preview_batch(), context)
+
+    # ------------------------------------------------------------ periodic evaluation
+    def evaluate(self, state: dict, step: int) -> dict[str, float]:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.cfg.evaluation, self.plan.input_uri, list(self.spec.evaluation_columns),
+                                        self.device)
+        model = self.module_from(state, device=self.device, dtype=self.preview_dtype)
+        context = EvaluationContext(evaluation=self.cfg.evaluation, prompts=list(self.plan.evaluation_prompts),
+                                    text_uncond=self.text_uncond, device=self.device,
+                                    source=f"{self.plan.run_name}@{step}", load=self._companion,
+                                    samples=self._evaluator.samples)
+        images, prompts = self.spec.evaluation_images(model, context)
+        return self._evaluator.score(images, prompts, self.spec.evaluation_suffix)

@@ -9,8 +9,10 @@ The run name defaults to `<stage>-<version>`, the version hashing every setting 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
+import re
 from typing import Optional
 
 # torch must be imported before ray.init(): in a `ray job submit` driver with a working_dir runtime env,
@@ -64,6 +66,18 @@ def run_name(cfg: TrainConfig, input_id: Optional[str] = None) -> str:
     if input_id is None:
         input_id = manifest_lib.input_identity(require_input(cfg))
     return f"{cfg.stage}-{manifest_lib.version_id(PHASE, cfg, input_id, exclude=VERSION_EXCLUDES)}"
+
+
+def mlflow_run_name(cfg: TrainConfig, input_uri: str, now: Optional[datetime.datetime] = None) -> str:
+    """The MLflow run's name at its first start: `mlflow.run_name` or `run_name` when set, else
+    `<stage>-<preset>-data<input version, 8 chars>-<UTC date YYYYMMDD>`, e.g. `c-tiny-data3f2a91c0-20261203`.
+    Only a label for the UI: the run directory (`run_name`) stays the version hash, so a rerun on another day
+    resumes the same run, and a resumed run keeps its MLflow run and name (tag `wurst.run_name` names the dir)."""
+    if cfg.mlflow.run_name or cfg.run_name:
+        return cfg.mlflow.run_name or cfg.run_name
+    data = re.sub(r"[^A-Za-z0-9]", "", storage.basename(input_uri))[:8] or "unknown"
+    date = (now or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc).strftime("%Y%m%d")
+    return f"{cfg.stage}-{cfg.model.preset}-data{data}-{date}"
 
 
 def strip_keys(tree: dict, keys: tuple[str, ...]) -> dict:
@@ -134,11 +148,13 @@ def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
     precision = resolve_precision(cfg.train.precision, use_gpu)
     name = run_name(cfg)
     root = runs_root(cfg)
+    companions = _companions(cfg, input_manifest)
+    evaluation_prompts = spec.plan_evaluation(cfg, input_uri, companions) if cfg.evaluation.every else []
     return RunPlan(stage=cfg.stage, run_name=name, run_dir=storage.join(root, name), runs_root=root,
                    input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu,
                    bf16=precision != "fp32", precision=precision,
                    tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
-                   companions=_companions(cfg, input_manifest))
+                   companions=companions, evaluation_prompts=evaluation_prompts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ the data stream and runs a step. Around the steps the loop keeps the EMA, logs t
 one log line saying why, when the input has no validation split), saves a checkpoint every
 `checkpoint_every` steps (and at the end) through its session (`RaySession`: Ray Train, uploaded
 asynchronously; `LocalSession`: one process, no Ray), resumes from the latest one, writes the (EMA)
-export every `export_every` steps and at the end, draws sample grids, records the data trace and runs
-the fault drill.
+export every `export_every` steps and at the end (rank 0 logs it to MLflow as artifacts, and registers it
+with `mlflow.register_model`), draws sample grids, runs the periodic evaluation (`evaluation.every`), records
+the data trace and runs the fault drill.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines import config as config_lib
-from pipelines import storage
+from pipelines import export_layout, storage, tracking
+from pipelines.config import ConfigError
 from pipelines.phase import setup_logging
 from pipelines.training import checkpoint, collectives
 from pipelines.training.config import (COLLECTIVES_DIR, EXPORT_DIR, METRICS_FILE, SAMPLES_DIR, TRACE_DIR, RunPlan,
@@ -64,6 +66,7 @@ class WorkerLoop:
         self.trace: list[str] = []
         self.metric_lines: list[str] = []
         self.mlflow = None
+        self.owns_mlflow_run = False  # rank 0 opened the MLflow run (and ends it)
         self.interval = IntervalMetrics(world=self.world, samples_per_step=self.samples_per_step,
                                         num_samples=plan.num_samples, device=self.device)
         self.validation_off = "validation.every is 0" if not cfg.validation.every else \
@@ -100,11 +103,50 @@ class WorkerLoop:
         return full_fp32_state_dict(self.engine)
 
     def export(self, state: Optional[dict]) -> None:
-        """`export/<step>/`, then `export/latest.json` names it."""
+        """`export/<step>/`, then `export/latest.json` names it; to MLflow as artifacts `export/<step>/`."""
         if self.rank == 0:
             with torch.random.fork_rng(devices=[]):  # building modules must not move the training RNG
-                self.runner.write_export(state, storage.join(self.plan.run_dir, EXPORT_DIR), self.step,
-                                         ema=self.ema is not None)
+                step_dir = self.runner.write_export(state, storage.join(self.plan.run_dir, EXPORT_DIR), self.step,
+                                                    ema=self.ema is not None)
+            if self.mlflow is not None:
+                self._log_export(step_dir)
+
+    def _log_export(self, step_dir: str) -> None:
+        """The step's export directory (the stage checkpoint and export.json) as the run's artifacts
+        `export/<step>/`, and with `mlflow.register_model` a registered model version of them. The companions
+        (text encoder, Stage A / B: up to GBs, the same at every export) are not logged: export.json names
+        their sources and the run dir holds them. A failure here stops the run, as a failed metric log does:
+        the export itself is on disk already, and a resume logs the step again (the version is not repeated)."""
+        artifact_path = f"{EXPORT_DIR}/{export_layout.step_name(self.step)}"
+        local = storage.local_path(step_dir)
+        if local is not None:
+            self.mlflow.log_artifacts(local, artifact_path)
+        else:  # an object-store run dir: through a temporary local copy
+            import posixpath
+            import tempfile
+
+            base = storage.normalize(step_dir).split("://", 1)[-1]
+            with tempfile.TemporaryDirectory(prefix="wurst-export-log-") as tmp:
+                for path in storage.list_files(step_dir, recursive=True):
+                    relative = posixpath.relpath(path.split("://", 1)[-1], base)
+                    storage.write_bytes(os.path.join(tmp, relative), storage.read_bytes(path))
+                self.mlflow.log_artifacts(tmp, artifact_path)
+        name = self.cfg.mlflow.register_model
+        if name:
+            version = tracking.register_artifacts(
+                self.plan.tracking_uri, name, self.plan.mlflow_run_id, artifact_path,
+                tags={"wurst.run_name": self.plan.run_name, "wurst.stage": self.plan.stage,
+                      "wurst.step": str(self.step), "wurst.weights": "ema" if self.ema is not None else "model"})
+            log.info("export step %d: registered model %s version %s", self.step, name, version.version)
+
+    def evaluate(self, state: Optional[dict]) -> None:
+        """Rank 0: the periodic evaluation's eval/* metrics of the weights `state` (those the export writes:
+        the EMA weights when the run has an EMA), logged at this step."""
+        if self.rank != 0:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            metrics = self.runner.evaluate(state, self.step)
+        self._write_metrics(metrics)
 
     def sample_grid(self, state: Optional[dict]) -> None:
         """Rank 0: a sample grid to MLflow, or (a run without MLflow) to <run dir>/samples/<step>.png."""
@@ -125,6 +167,8 @@ class WorkerLoop:
 
     # ---------------------------------------------------------------- logging
     def _start_mlflow(self) -> None:
+        if self.rank == 0 and self.cfg.mlflow.register_model and not self.plan.mlflow_run_id:
+            raise ConfigError("mlflow.register_model: set, but this run has no MLflow run to log its exports to")
         if self.rank != 0 or not self.plan.mlflow_run_id:
             path = storage.join(self.plan.run_dir, METRICS_FILE)
             if self.rank == 0 and storage.exists(path):  # resumed: keep the lines of the steps before
@@ -133,8 +177,12 @@ class WorkerLoop:
             return
         import mlflow  # here: rank 0 alone logs, the other ranks do not pay for importing MLflow
 
-        mlflow.set_tracking_uri(self.plan.tracking_uri)
-        mlflow.start_run(run_id=self.plan.mlflow_run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
+        active = mlflow.active_run()
+        # `fit_local` in the process that opened the run (the phase, a test): log to it and leave it open.
+        self.owns_mlflow_run = active is None or active.info.run_id != self.plan.mlflow_run_id
+        if self.owns_mlflow_run:
+            mlflow.set_tracking_uri(self.plan.tracking_uri)
+            mlflow.start_run(run_id=self.plan.mlflow_run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
         self.mlflow = mlflow
 
     def _log_params(self) -> None:
@@ -252,12 +300,15 @@ class WorkerLoop:
                     self._write_metrics(validation)
                 sample_due = cfg.sampling.every and self.step % cfg.sampling.every == 0
                 export_due = cfg.train.export_every and self.step % cfg.train.export_every == 0
-                if (sample_due or export_due) and self.step != cfg.train.max_steps:
+                evaluation_due = cfg.evaluation.every and self.step % cfg.evaluation.every == 0
+                if (sample_due or export_due or evaluation_due) and self.step != cfg.train.max_steps:
                     state = self.full_weights()
                     if export_due:
                         self.export(state)
                     if sample_due:
                         self.sample_grid(state)
+                    if evaluation_due:
+                        self.evaluate(state)
                     del state
                 if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
                     self.save_checkpoint(last_metrics)
@@ -265,10 +316,12 @@ class WorkerLoop:
             self.export(state)
             if cfg.sampling.every:
                 self.sample_grid(state)
+            if cfg.evaluation.every:
+                self.evaluate(state)
             if dist.is_initialized():
                 dist.barrier()
         finally:
-            if self.mlflow is not None:
+            if self.mlflow is not None and self.owns_mlflow_run:
                 self.mlflow.end_run()
 
 

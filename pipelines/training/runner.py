@@ -104,3 +104,7 @@ class Runner:
     def sample_grid(self, state: dict, step: int):
         """A PIL image for MLflow drawn with the weights `state` (None: no grid)."""
         raise NotImplementedError
+
+    def evaluate(self, state: dict, step: int) -> dict[str, float]:
+        """Rank 0, `evaluation.every`: the eval/* metrics of the weights `state` (see `periodic_eval`)."""
+        raise NotImplementedError

@@ -2,7 +2,8 @@
 
 A spec names the stage's model (config class, presets, overrides), the input it reads and how that
 input is checked against the model, its objective (Stage B / C: from `stages.diffusion`), one sample's
-inputs and forward for FLOP counting, its sample grid, and the runner class that trains it. The driver,
+inputs and forward for FLOP counting, its sample grid, the images its periodic evaluation scores, and the
+runner class that trains it. The driver,
 the loop and the metrics never branch on the stage: they ask its spec.
 """
 
@@ -16,9 +17,11 @@ from torch import nn
 
 from pipelines import image_shards, storage
 from pipelines.config import ConfigError
-from pipelines.generate import GenerationModels, generate_images
+from pipelines.generate import GenerationModels, generate_images, to_pil
+from pipelines.training import periodic_eval
 from pipelines.training.config import DataConfig, PerceptualConfig, TrainConfig
 from pipelines.training.diffusion import DiffusionRunner
+from pipelines.training.periodic_eval import EvaluationContext
 from pipelines.training.preview import PreviewContext, image_grid, latent_to_image
 from pipelines.training.runner import Runner
 from pipelines.training.stage_a import StageARunner
@@ -79,6 +82,19 @@ class StageSpec:
     # ------------------------------------------------------------ input
     def plan_input(self, cfg: TrainConfig, model_config, input_uri: str, manifest: dict) -> InputPlan:
         """Check the input dataset against the model and the config (ConfigError naming the key)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ periodic evaluation
+    evaluation_suffix: ClassVar[str] = ""  # on the metric group: eval/probe<suffix>/<attribute>
+    evaluation_columns: ClassVar[tuple[str, ...]] = ()  # the columns of the evaluated samples (none: not read)
+
+    def plan_evaluation(self, cfg: TrainConfig, input_uri: str, companions: dict[str, str]) -> list[str]:
+        """Check `evaluation` against the run before it starts (ConfigError naming the key); returns the texts
+        the evaluated images are scored against."""
+        raise ConfigError(f"evaluation.every: {self.label} runs have no periodic evaluation; set it to 0")
+
+    def evaluation_images(self, model: nn.Module, ctx: EvaluationContext) -> tuple[list, list[str]]:
+        """(PIL images, the text each one is scored against) drawn with `model` (the evaluated weights)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ FLOP counting
@@ -211,6 +227,25 @@ class StageCSpec(DiffusionSpec):
                                  batch_size=samp.num_images, device=ctx.device)
         return result.grid
 
+    def plan_evaluation(self, cfg, input_uri, companions):
+        evaluation = cfg.evaluation
+        periodic_eval.require_companions(companions, ("text", "stage_b", "stage_a"), "generates images through")
+        prompts = periodic_eval.resolve_prompts(evaluation, input_uri)
+        periodic_eval.check_scorable(evaluation, prompts)
+        periodic_eval.check_image_size(evaluation, companions)
+        return prompts
+
+    def evaluation_images(self, model, ctx):
+        """`n` images per prompt, generated C -> B -> A with the run's text encoder, Stage B and Stage A."""
+        e = ctx.evaluation
+        text = ctx.load("text")
+        models = GenerationModels(stage_c=model, stage_b=ctx.load("stage_b"), stage_a=ctx.load("stage_a"),
+                                  text_c=text, text_b=text, sources={"stage_c": ctx.source})
+        result = generate_images(ctx.prompts, models=models, n=e.n, height=e.height, width=e.width, seed=e.seed,
+                                 steps_c=e.steps_c, steps_b=e.steps_b, guidance_c=e.guidance_c,
+                                 guidance_b=e.guidance_b, batch_size=e.batch_size, device=ctx.device)
+        return list(result.images), result.prompts
+
     def latent_grid(self, model, batch, text, uncond, *, guidance, generator, ctx):
         real = to_stage_c(batch["semantic"].float())
         fake = sampling.sample_stage_c(model, text, uncond, shape=tuple(real.shape), timesteps=ctx.sampling.steps,
@@ -223,6 +258,8 @@ class StageBSpec(DiffusionSpec):
     config_class, model_class = StageBConfig, StageB
     tensor_columns, target_column = ("text_emb", "semantic", "stage_a"), "stage_a"
     text_width_field, semantic_channels_field = "clip_embd", "effnet_embd"
+    evaluation_suffix = "_b"
+    evaluation_columns = ("caption", "text_emb", "semantic", "stage_a")
 
     def check_shapes(self, config, shapes, source) -> None:
         super().check_shapes(config, shapes, source)
@@ -240,6 +277,27 @@ class StageBSpec(DiffusionSpec):
 
     def validation_loss(self, model, batch, *, t, noise):
         return diffusion.stage_b_loss(model, batch["stage_a"], batch["semantic"], batch["text_emb"], t=t, noise=noise)
+
+    def plan_evaluation(self, cfg, input_uri, companions):
+        periodic_eval.require_companions(companions, ("stage_a",), "decodes its samples with")
+        captions = list(periodic_eval.evaluation_samples(input_uri, ["caption"], cfg.evaluation.samples)["caption"])
+        periodic_eval.check_scorable(cfg.evaluation, captions)
+        return captions
+
+    def evaluation_images(self, model, ctx):
+        """Stage A latents sampled from the evaluated samples' true semantic latents and text, decoded by the
+        run's Stage A: does Stage B draw what the semantic latent holds (and the caption says)?"""
+        e, batch = ctx.evaluation, ctx.samples()
+        device = next(model.parameters()).device
+        text = batch["text_emb"].to(device, torch.float32)
+        uncond = ctx.text_uncond.to(device, torch.float32) if ctx.text_uncond is not None else None
+        latents = sampling.sample_stage_b(model, batch["semantic"].float(), text, uncond,
+                                          shape=tuple(batch["stage_a"].shape), timesteps=e.steps_b,
+                                          guidance=e.guidance_b if uncond is not None else 1.0,
+                                          generator=torch.Generator().manual_seed(e.seed))
+        stage_a = ctx.load("stage_a")
+        a_param = next(stage_a.parameters())  # in Stage A's own dtype, as the sample grid decodes
+        return to_pil(stage_a.decode(latents.to(a_param.device, a_param.dtype)).float()), list(batch["caption"])
 
     def forward(self, model, inputs, r):
         return model(inputs["stage_a"], r, inputs["semantic"], inputs["text_emb"])
