@@ -36,6 +36,8 @@ _TEXT_ENCODER_ALIASES = {"vit-h-14": "clip-h", "vit-bigg-14": "clip-bigg", "clip
 
 # Stage C blocks come in groups of three: ResBlock, TimestepBlock, AttnBlock.
 _BLOCKS_PER_LAYER = 3
+# The paper prior's text width (CLIP-H) and model width: "paper_gain" init keeps their mapper gains.
+_PAPER_TEXT_WIDTH, _PAPER_WIDTH = 1024, 1536
 
 
 def _config_from_dict(cls, data: dict[str, Any], what: str):
@@ -59,8 +61,15 @@ class StageCConfig:
     depth: int = 32
     nhead: int = 24
     dropout: float = 0.1
+    # Init of the text mapper (not a diffusers key; weights load the same either way). "official": std 0.02
+    # at any width, as the authors' code, a gain of ~0.64 and ~0.78 per layer at the paper's 1024 -> 1536
+    # but ~0.11 and ~0.16 at the demo's 32 -> 64, so a narrow prior starts with its text ~50x weaker and
+    # learns to follow it far later. "paper_gain": the paper model's per-layer gain at any width (the
+    # same std as "official" at c_cond 1024, c 1536).
+    cond_init: str = "official"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper", "paper-clip-h", "paper-clip-bigg")
+    COND_INITS: ClassVar[tuple[str, ...]] = ("official", "paper_gain")
 
     def __post_init__(self) -> None:
         for name in ("c_in", "c", "c_cond", "c_r", "depth", "nhead"):
@@ -73,6 +82,8 @@ class StageCConfig:
             raise ValueError(f"StageCConfig.c_r must be >= 4, got {self.c_r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"StageCConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.cond_init not in self.COND_INITS:
+            raise ValueError(f"StageCConfig.cond_init must be one of {list(self.COND_INITS)}, got {self.cond_init!r}")
 
     @classmethod
     def tiny(cls) -> StageCConfig:
@@ -142,8 +153,12 @@ class StageC(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.projection.weight, std=0.02)
-        nn.init.normal_(self.cond_mapper[0].weight, std=0.02)
-        nn.init.normal_(self.cond_mapper[2].weight, std=0.02)
+        first, second = 0.02, 0.02
+        if self.config.cond_init == "paper_gain":
+            first *= math.sqrt(_PAPER_TEXT_WIDTH / self.config.c_cond)
+            second *= math.sqrt(_PAPER_WIDTH / self.config.c)
+        nn.init.normal_(self.cond_mapper[0].weight, std=first)
+        nn.init.normal_(self.cond_mapper[2].weight, std=second)
         # Zero head: A = B = 0, so the initial noise prediction is the input itself.
         nn.init.zeros_(self.out[1].weight)
         residual_scale = math.sqrt(1.0 / self.config.depth)

@@ -100,11 +100,36 @@ def test_presets_and_config_round_trip():
         (lambda: StageBConfig(level_config=["CT", "CTA", "CTX", "CTA"]), r"level_config\[2\]"),
         (lambda: StageBConfig(nhead=[-1, 7, 20, 20]), "level 1: c_hidden=640 must be divisible"),
         (lambda: StageBConfig(kernel_size=4), "kernel_size must be odd"),
+        (lambda: StageCConfig(cond_init="xavier"), "cond_init must be one of"),
     ],
 )
 def test_invalid_configs_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_paper_gain_init_keeps_the_paper_text_mapper_gain_at_any_width():
+    """"official" draws the text mapper with std 0.02 at any width; "paper_gain" scales it so that
+    std * sqrt(fan_in) equals the paper prior's (1024 -> 1536), and equals "official" at those widths."""
+    def mapper_gains(config):
+        torch.manual_seed(0)
+        model = StageC(config)
+        return [float(layer.weight.std()) * layer.in_features ** 0.5
+                for layer in (model.cond_mapper[0], model.cond_mapper[2])]
+
+    paper_gains = [0.02 * 1024 ** 0.5, 0.02 * 1536 ** 0.5]  # 0.64, 0.78
+    narrow = dict(c=64, c_cond=32, depth=1, nhead=2)
+    for got, want in zip(mapper_gains(StageCConfig(**narrow, cond_init="paper_gain")), paper_gains):
+        assert got == pytest.approx(want, rel=0.1)
+    official = mapper_gains(StageCConfig(**narrow))
+    assert official[0] == pytest.approx(0.02 * 32 ** 0.5, rel=0.1) and official[1] == pytest.approx(0.02 * 64 ** 0.5, rel=0.1)
+    # At the paper's widths both inits draw the same weights (checked on a 1-layer model of those widths).
+    wide = dict(c=1536, c_cond=1024, depth=1, nhead=24)
+    torch.manual_seed(0)
+    a = StageC(StageCConfig(**wide)).cond_mapper.state_dict()
+    torch.manual_seed(0)
+    b = StageC(StageCConfig(**wide, cond_init="paper_gain")).cond_mapper.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------- forward behaviour
