@@ -156,7 +156,8 @@ def require_input(cfg: PrecomputeConfig) -> str:
 
 def version_tree(cfg: PrecomputeConfig) -> dict:
     """What the version hashes besides the input: the output-affecting settings, and the encoders'
-    content hashes instead of their paths."""
+    content hashes instead of their paths (plus the text encoder's `states_version`: how its states are
+    computed from those weights)."""
     tree = config_lib.to_dict(cfg)
     for key in VERSION_EXCLUDE:
         tree.pop(key, None)
@@ -164,7 +165,8 @@ def version_tree(cfg: PrecomputeConfig) -> dict:
         # No split: the output is the same as before the split existed, so it keeps that version.
         tree.pop("validation_fraction", None)
     tree["encoder_sha256"] = {name: src for name, src in
-                              ((n, {k: v for k, v in s.items() if k.endswith("sha256") or k == "open_clip_model"})
+                              ((n, {k: v for k, v in s.items()
+                                    if k.endswith("sha256") or k in ("open_clip_model", "states_version")})
                                for n, s in encoder_sources(cfg).items())}
     return tree
 

@@ -23,6 +23,11 @@ from pipelines.config import ConfigError
 if TYPE_CHECKING:
     from pipelines.precompute import PrecomputeConfig
 
+# What the text encoder computes from its weights (`stages.text.TEXT_STATES_VERSION`; copied, not imported,
+# so the driver stays free of torch; tests/test_text_states.py checks they agree). Part of the text source,
+# hence of the output version: a change in how states are computed gives a new version.
+TEXT_STATES_VERSION = 2
+
 
 # ---------------------------------------------------------------------------------------------
 # What the encoders are: checkpoint hashes, output sizes
@@ -76,6 +81,7 @@ def encoder_sources(cfg: PrecomputeConfig) -> dict[str, dict]:
         else:
             source = {"open_clip_weights": storage.normalize(enc.text_open_clip_weights),
                       "open_clip_model": enc.text_model, "sha256": content_hash(enc.text_open_clip_weights)}
+        source["states_version"] = TEXT_STATES_VERSION
         sources["text"] = source
     for name in ("semantic", "stage_a"):
         if name in cfg.outputs:

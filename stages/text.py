@@ -1,8 +1,13 @@
 """Text encoder: the text tower of an open_clip CLIP model, returning the *unpooled* last hidden
 states (B, 77, width) that Stage B and Stage C cross-attend to.
 
-The computation is open_clip's own text path without the pooling / projection:
-token_embedding + positional_embedding -> transformer(causal attn_mask) -> ln_final.
+The computation is the references' (diffusers' Würstchen pipelines and the authors' training call
+``transformers.CLIPTextModel(input_ids, attention_mask).last_hidden_state``): token_embedding +
+positional_embedding -> transformer(causal mask + padding mask) -> ln_final, the padding mask hiding
+the positions after the end-of-text token as keys. Real tokens' states equal open_clip's causal-only
+path (they attend only to earlier, real tokens), and so does the pooled EOT feature; the pad
+positions' states differ, and Stage B / C cross-attend to all 77. ``TEXT_STATES_VERSION`` names this
+computation: precompute puts it in its output version.
 Module attribute names equal open_clip ``CLIP``'s text attributes, so the text part of an open_clip
 checkpoint (``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``) loads key for key.
 
@@ -38,6 +43,10 @@ TINY_CLIP_CONFIG: dict[str, Any] = {
 }
 
 DEFAULT_WEIGHTS_KEY = "text.weights_path"
+
+# What `encode_tokens` computes; raise it whenever the states change for the same weights and captions
+# (precompute's output version includes it). 1: open_clip's causal mask only; 2: causal + padding mask.
+TEXT_STATES_VERSION = 2
 
 
 @dataclass
@@ -156,6 +165,7 @@ class TextEncoder(nn.Module):
         )
         self.context_length = tower.context_length
         self.width = tower.width
+        self.heads = tower.transformer.resblocks[0].attn.num_heads  # for the per-head attention mask
         self.token_embedding = tower.token_embedding
         self.positional_embedding = tower.positional_embedding
         self.transformer = tower.transformer
@@ -219,16 +229,41 @@ class TextEncoder(nn.Module):
             raise TypeError(f"TextEncoder: expected a list of caption strings, got {type(captions).__name__}")
         return self.tokenizer(list(captions))
 
-    def encode_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, context_length) -> unpooled last hidden states (B, context_length, width)."""
+    def padding_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, context_length) bool, True for the real tokens: start-of-text through end-of-text, what a
+        Hugging Face CLIP tokenizer returns as ``attention_mask``. The EOT token has the highest id of the
+        CLIP vocabulary, so its position is the row's argmax (open_clip pools it the same way)."""
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        return positions[None, :] <= token_ids.argmax(dim=-1, keepdim=True)
+
+    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B * heads, L, L): the causal mask plus -inf on the keys ``attention_mask`` marks
+        as padding. Every query keeps key 0 (start-of-text), so no row is fully masked."""
+        batch, length = attention_mask.shape
+        keys_masked = ~attention_mask.to(torch.bool)
+        bias = torch.zeros(batch, 1, length, dtype=dtype, device=attention_mask.device)
+        bias = bias.masked_fill(keys_masked[:, None, :], float("-inf")).expand(batch, length, length)
+        if self.attn_mask is not None:
+            bias = bias + self.attn_mask[:length, :length].to(dtype)
+        return bias.repeat_interleave(self.heads, dim=0)
+
+    def encode_tokens(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, context_length) -> unpooled last hidden states (B, context_length, width), with
+        the pad positions masked as keys (``attention_mask``: 1 for real tokens; default ``padding_mask``)."""
         if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length:
             raise ValueError(
                 f"TextEncoder: expected token ids (B, {self.context_length}), got {tuple(token_ids.shape)}"
             )
         token_ids = token_ids.to(self.token_embedding.weight.device)
+        if attention_mask is None:
+            attention_mask = self.padding_mask(token_ids)
+        elif attention_mask.shape != token_ids.shape:
+            raise ValueError(f"TextEncoder: attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"token ids {tuple(token_ids.shape)}")
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(token_ids).to(cast_dtype) + self.positional_embedding.to(cast_dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        bias = self.attention_bias(attention_mask.to(token_ids.device), x.dtype)
+        x = self.transformer(x, attn_mask=bias)
         return self.ln_final(x)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -239,7 +274,8 @@ class TextEncoder(nn.Module):
         return self.encode_tokens(self.tokenize(captions))
 
     def empty_embedding(self, batch_size: int = 1) -> torch.Tensor:
-        """Embedding of the empty caption: the unconditional input for classifier-free guidance."""
+        """Embedding of the empty caption (start + end of text, the rest padding masked as in ``encode``):
+        the unconditional input for classifier-free guidance."""
         return self.encode([""]).expand(batch_size, -1, -1)
 
     def pooled(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -259,5 +295,6 @@ __all__ = [
     "TextEncoder",
     "TINY_CLIP_NAME",
     "TINY_CLIP_CONFIG",
+    "TEXT_STATES_VERSION",
     "register_open_clip_config",
 ]

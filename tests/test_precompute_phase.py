@@ -266,6 +266,22 @@ def test_version_follows_output_affecting_settings_only(setup):
     assert "validation_fraction" not in precompute.version_tree(_config(overrides, "validation_fraction=0"))
 
 
+def test_version_follows_how_text_states_are_computed(setup, monkeypatch):
+    """The same text weights give other states when the text computation changes (stages.text's
+    TEXT_STATES_VERSION, e.g. the padding mask): that is a new output version."""
+    from pipelines import precompute_encoders
+
+    _, overrides = setup
+    cfg = _config(overrides)
+    assert precompute_encoders.encoder_sources(cfg)["text"]["states_version"] == precompute_encoders.TEXT_STATES_VERSION
+    version = precompute.output_dir(cfg)
+    monkeypatch.setattr(precompute_encoders, "TEXT_STATES_VERSION", precompute_encoders.TEXT_STATES_VERSION + 1)
+    assert precompute.output_dir(cfg) != version
+    # Without a text output the states do not matter.
+    no_text = _config(overrides, "outputs=[semantic, stage_a]")
+    assert "text" not in precompute.version_tree(no_text)["encoder_sha256"]
+
+
 def test_decode_image_converts_modes_and_crops():
     rng = np.random.default_rng(1)
     for kind, mode in (("rgb", None), ("gray", "L"), ("cmyk", "CMYK"), ("rgba", "RGBA")):

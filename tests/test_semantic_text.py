@@ -143,12 +143,14 @@ def test_text_encoder_matches_open_clip(tiny_open_clip):
     ids = encoder.tokenize(captions)
     with torch.no_grad():
         states = encoder.encode(captions)
-        # Reference: open_clip's own text path, taking the states before pooling.
+        # Reference: open_clip's own text path, taking the states before pooling. Its causal-only mask gives
+        # the real tokens' states; the pad positions follow transformers' CLIPTextModel (test_text_states).
         x = clip.token_embedding(ids) + clip.positional_embedding
         reference = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
         pooled_reference = clip.encode_text(ids)
     assert states.shape == (3, 77, 32)
-    torch.testing.assert_close(states, reference, rtol=1e-5, atol=1e-6)
+    real = encoder.padding_mask(ids)
+    torch.testing.assert_close(states[real], reference[real], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoder.pooled(states, ids), pooled_reference, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         empty = encoder.empty_embedding(batch_size=2)
