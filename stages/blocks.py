@@ -104,19 +104,30 @@ class TimestepBlock(nn.Module):
         return x * (1 + a) + b
 
 
+# Where an attention block's dropout acts: "weights", on the attention probabilities (the authors' training,
+# nn.MultiheadAttention(dropout=p)); "output", after the output projection (diffusers' Attention). The two
+# differ only in training: in eval mode neither drops anything.
+ATTENTION_DROPOUT_ON = ("weights", "output")
+
+
 class Attention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections, named like diffusers' ``Attention``
-    (``to_q``, ``to_k``, ``to_v``, ``to_out.0``; ``to_out.1`` is the output dropout)."""
+    (``to_q``, ``to_k``, ``to_v``, ``to_out.0``; ``to_out.1`` is the output dropout, an identity when the
+    dropout acts on the attention weights). Neither placement has parameters: the state dict is the same."""
 
-    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0, dropout_on: str = "weights"):
         super().__init__()
         if nhead <= 0 or c % nhead != 0:
             raise ValueError(f"attention width {c} must be divisible by a positive head count, got nhead={nhead}")
+        if dropout_on not in ATTENTION_DROPOUT_ON:
+            raise ValueError(f"attention dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, got {dropout_on!r}")
         self.nhead = nhead
+        self.weights_dropout = float(dropout) if dropout_on == "weights" else 0.0
         self.to_q = nn.Linear(c, c)
         self.to_k = nn.Linear(c, c)
         self.to_v = nn.Linear(c, c)
-        self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
+        output_dropout = nn.Dropout(dropout) if dropout_on == "output" else nn.Identity()
+        self.to_out = nn.ModuleList([nn.Linear(c, c), output_dropout])
 
     def forward(self, tokens: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """``tokens``: (B, N, c) queries; ``kv``: (B, M, c) keys/values. Returns (B, N, c)."""
@@ -127,7 +138,7 @@ class Attention(nn.Module):
             return t.unflatten(-1, (self.nhead, head_dim)).transpose(1, 2)
 
         q, k, v = split_heads(self.to_q(tokens)), split_heads(self.to_k(kv)), split_heads(self.to_v(kv))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.weights_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, n_query, width)
         return self.to_out[1](self.to_out[0](out))
 
@@ -136,11 +147,12 @@ class AttnBlock(nn.Module):
     """Pre-norm attention over the feature map. Conditioning tokens pass through SiLU + Linear
     (``kv_mapper``); with ``self_attn`` the map's own tokens are prepended to the keys/values."""
 
-    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0,
+                 dropout_on: str = "weights"):
         super().__init__()
         self.self_attn = self_attn
         self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
-        self.attention = Attention(c, nhead, dropout=dropout)
+        self.attention = Attention(c, nhead, dropout=dropout, dropout_on=dropout_on)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

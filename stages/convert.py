@@ -165,6 +165,16 @@ def from_diffusers(src: str | os.PathLike, out: str | os.PathLike, variant: str 
     return written
 
 
+def diffusers_config_values(config) -> dict[str, Any]:
+    """The diffusers config keys of one of our Stage A / B / C configs (ours add keys diffusers' classes do
+    not take, e.g. Stage C's cond_init and the attention blocks' attention_dropout_on)."""
+    for kind, class_name in KIND_TO_DIFFUSERS.items():
+        if isinstance(config, model_classes(kind)[1]):
+            ours = config.to_dict()
+            return {key: ours[key] for key in DIFFUSERS_CLASSES[class_name][1]}
+    raise TypeError(f"{type(config).__name__} has no diffusers model class")
+
+
 def _diffusers_version() -> str:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -184,15 +194,13 @@ def to_diffusers(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
             f"convertible kinds are {sorted(KIND_TO_DIFFUSERS)}"
         )
     class_name = KIND_TO_DIFFUSERS[kind]
-    diffusers_keys = DIFFUSERS_CLASSES[class_name][1]
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {weights}")
     state = cast_floating(read_state_dict_file(weights), dtype)
     check_state_dict(kind, config, state, str(weights))
-    ours = config.to_dict()
     diffusers_config = {"_class_name": class_name, "_diffusers_version": _diffusers_version()}
-    diffusers_config.update({key: ours[key] for key in diffusers_keys})
+    diffusers_config.update(diffusers_config_values(config))
     write_safetensors(state, out / DIFFUSERS_SAFETENSORS, metadata={"format": "pt"})
     write_json(diffusers_config, out / CONFIG_FILE)
     return class_name, out

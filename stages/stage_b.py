@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import (
+    ATTENTION_DROPOUT_ON,
     AttnBlock,
     GlobalResponseNorm,
     LayerNorm2d,
@@ -55,6 +56,9 @@ class StageBConfig:
     clip_embd: int = 1024
     kernel_size: int = 3
     dropout: float | list[float] = 0.1
+    # Where the attention blocks' dropout acts (not a diffusers key; see StageCConfig): "weights" (the
+    # authors' training) or "output" (diffusers' modules).
+    attention_dropout_on: str = "weights"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper")
 
@@ -82,6 +86,9 @@ class StageBConfig:
                 )
         if isinstance(self.dropout, list) and len(self.dropout) != levels:
             raise ValueError(f"StageBConfig.dropout list has {len(self.dropout)} entries, expected {levels}")
+        if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
+            raise ValueError(f"StageBConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
+                             f"got {self.attention_dropout_on!r}")
         for level, (width, heads, n_blocks, kinds) in enumerate(
             zip(self.c_hidden, self.nhead, self.blocks, self.level_config)
         ):
@@ -171,7 +178,8 @@ class StageB(nn.Module):
                 return ResBlockStageB(c_hidden[level], c_skip, kernel_size=config.kernel_size, dropout=dropout[level])
             if kind == "A":
                 return AttnBlock(
-                    c_hidden[level], config.c_cond, config.nhead[level], self_attn=True, dropout=dropout[level]
+                    c_hidden[level], config.c_cond, config.nhead[level], self_attn=True, dropout=dropout[level],
+                    dropout_on=config.attention_dropout_on,
                 )
             return TimestepBlock(c_hidden[level], config.c_r)
 

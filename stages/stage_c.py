@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stages.blocks import (
+    ATTENTION_DROPOUT_ON,
     AttnBlock,
     GlobalResponseNorm,
     LayerNorm2d,
@@ -67,6 +68,10 @@ class StageCConfig:
     # learns to follow it far later. "paper_gain": the paper model's per-layer gain at any width (the
     # same std as "official" at c_cond 1024, c 1536).
     cond_init: str = "official"
+    # Where the attention blocks' dropout acts (not a diffusers key): "weights", on the attention probabilities
+    # as the authors trained (nn.MultiheadAttention(dropout=0.1)); "output", after the output projection as
+    # diffusers' modules do. Only training differs.
+    attention_dropout_on: str = "weights"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper", "paper-clip-h", "paper-clip-bigg")
     COND_INITS: ClassVar[tuple[str, ...]] = ("official", "paper_gain")
@@ -84,6 +89,9 @@ class StageCConfig:
             raise ValueError(f"StageCConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.cond_init not in self.COND_INITS:
             raise ValueError(f"StageCConfig.cond_init must be one of {list(self.COND_INITS)}, got {self.cond_init!r}")
+        if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
+            raise ValueError(f"StageCConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
+                             f"got {self.attention_dropout_on!r}")
 
     @classmethod
     def tiny(cls) -> StageCConfig:
@@ -137,7 +145,8 @@ class StageC(nn.Module):
             self.blocks.append(ResBlock(c, dropout=config.dropout))
             self.blocks.append(TimestepBlock(c, config.c_r))
             # The text tokens were already mapped to width c by cond_mapper, hence c_cond=c here.
-            self.blocks.append(AttnBlock(c, c, config.nhead, self_attn=True, dropout=config.dropout))
+            self.blocks.append(AttnBlock(c, c, config.nhead, self_attn=True, dropout=config.dropout,
+                                         dropout_on=config.attention_dropout_on))
         self.out = nn.Sequential(
             LayerNorm2d(c, elementwise_affine=False, eps=1e-6),
             nn.Conv2d(c, config.c_in * 2, kernel_size=1),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages import diffusion as D
+from stages.convert import diffusers_config_values
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
 
@@ -27,7 +28,7 @@ def _perturb(module: torch.nn.Module, std: float, seed: int) -> None:
 
 def _prior_pair(config: StageCConfig):
     torch.manual_seed(0)
-    reference = wuerstchen.WuerstchenPrior(**config.to_dict()).eval()
+    reference = wuerstchen.WuerstchenPrior(**diffusers_config_values(config)).eval()
     with torch.no_grad():
         # Default PyTorch init gives a non-trivial head; keep B away from 1 so the A/B division
         # (x - A) / (|1 - B| + 1e-5) stays well conditioned and 1e-5 is a meaningful tolerance.
@@ -39,7 +40,7 @@ def _prior_pair(config: StageCConfig):
 
 def _decoder_pair(config: StageBConfig):
     torch.manual_seed(0)
-    reference = wuerstchen.WuerstchenDiffNeXt(**config.to_dict()).eval()
+    reference = wuerstchen.WuerstchenDiffNeXt(**diffusers_config_values(config)).eval()
     _perturb(reference, 0.05, seed=1)  # leave the zero-initialised heads / GRN / timestep mappers
     ours = StageB(config).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -87,8 +88,8 @@ def test_paper_state_dict_layout_matches_diffusers():
     """Released weights load with a plain load_state_dict: same keys and shapes at paper size."""
     with torch.device("meta"):
         pairs = [
-            (wuerstchen.WuerstchenPrior(**StageCConfig.paper("clip-bigg").to_dict()), StageC(StageCConfig.paper("clip-bigg"))),
-            (wuerstchen.WuerstchenDiffNeXt(**StageBConfig.paper().to_dict()), StageB(StageBConfig.paper())),
+            (wuerstchen.WuerstchenPrior(**diffusers_config_values(StageCConfig.paper("clip-bigg"))), StageC(StageCConfig.paper("clip-bigg"))),
+            (wuerstchen.WuerstchenDiffNeXt(**diffusers_config_values(StageBConfig.paper())), StageB(StageBConfig.paper())),
         ]  # fmt: skip
     for reference, ours in pairs:
         expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}

@@ -22,6 +22,7 @@ import string
 import pytest
 import torch
 
+from stages.convert import diffusers_config_values
 from stages.diffusion import stage_c_fast_timesteps
 from stages.sampling import generate
 from stages.stage_b import StageB, StageBConfig
@@ -70,8 +71,8 @@ def pipelines_and_stages():
     text_encoder = transformers.CLIPTextModel(text_config).eval()
     prior_config = StageCConfig(c_in=16, c=32, c_cond=32, c_r=64, depth=2, nhead=2, dropout=0.0)
     decoder_config = StageBConfig.tiny()
-    prior = wuerstchen.WuerstchenPrior(**prior_config.to_dict()).eval()
-    decoder = wuerstchen.WuerstchenDiffNeXt(**decoder_config.to_dict()).eval()
+    prior = wuerstchen.WuerstchenPrior(**diffusers_config_values(prior_config)).eval()
+    decoder = wuerstchen.WuerstchenDiffNeXt(**diffusers_config_values(decoder_config)).eval()
     vqgan = wuerstchen.PaellaVQModel(**VQ_CONFIG).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -3,6 +3,8 @@ parameter counts, initial behaviour, training switches, input validation, genera
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from stages.sampling import (
     stage_b_latent_size,
     stage_c_latent_size,
 )
+from stages.blocks import Attention
 from stages.stage_b import StageB, StageBConfig
 from stages.stage_c import StageC, StageCConfig
 
@@ -101,6 +104,8 @@ def test_presets_and_config_round_trip():
         (lambda: StageBConfig(nhead=[-1, 7, 20, 20]), "level 1: c_hidden=640 must be divisible"),
         (lambda: StageBConfig(kernel_size=4), "kernel_size must be odd"),
         (lambda: StageCConfig(cond_init="xavier"), "cond_init must be one of"),
+        (lambda: StageCConfig(attention_dropout_on="probs"), "attention_dropout_on must be one of"),
+        (lambda: StageBConfig(attention_dropout_on="input"), "attention_dropout_on must be one of"),
     ],
 )
 def test_invalid_configs_are_rejected(make, match):
@@ -183,6 +188,65 @@ def test_gradient_checkpointing_matches_plain_backward(which):
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], msg=name)
+
+
+# ---------------------------------------------------------------- attention dropout placement
+
+
+@pytest.mark.parametrize("which", ["c", "b"])
+def test_attention_dropout_placements_agree_in_eval_mode(which):
+    """Only training differs: in eval mode "weights", "output" and no dropout at all give the same output."""
+    build, config, inputs = (StageC, StageCConfig.tiny(), _c_inputs()) if which == "c" else \
+        (StageB, StageBConfig.tiny(), _b_inputs())
+    reference = _perturb(build(dataclasses.replace(config, dropout=0.0))).eval()
+    outputs = []
+    for placement in ("weights", "output"):
+        model = build(dataclasses.replace(config, attention_dropout_on=placement)).eval()
+        model.load_state_dict(reference.state_dict(), strict=True)
+        with torch.no_grad():
+            outputs.append(model(*inputs))
+    with torch.no_grad():
+        expected = reference(*inputs)
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def _attention_reference(attention: Attention, tokens, kv, *, drop_weights: float, drop_output: float, seed: int):
+    """Softmax attention written out, with dropout on the probabilities and / or after the output projection,
+    drawing from the same seeded stream as the module."""
+    heads, width = attention.nhead, tokens.shape[-1]
+
+    def split(t):
+        return t.unflatten(-1, (heads, width // heads)).transpose(1, 2)
+
+    q, k, v = split(attention.to_q(tokens)), split(attention.to_k(kv)), split(attention.to_v(kv))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / (width // heads) ** 0.5, dim=-1)
+    torch.manual_seed(seed)
+    probs = torch.nn.functional.dropout(probs, drop_weights, training=True)
+    out = attention.to_out[0]((probs @ v).transpose(1, 2).reshape(tokens.shape))
+    return torch.nn.functional.dropout(out, drop_output, training=True), probs
+
+
+def test_attention_dropout_on_weights_drops_attention_probabilities():
+    torch.manual_seed(0)
+    weights = Attention(16, 2, dropout=0.3, dropout_on="weights").train()
+    output = Attention(16, 2, dropout=0.3, dropout_on="output").train()
+    output.load_state_dict(weights.state_dict(), strict=True)
+    assert isinstance(weights.to_out[1], torch.nn.Identity)  # same state dict, nothing after the projection
+    tokens, kv = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.manual_seed(123)
+        got_weights = weights(tokens, kv)
+        torch.manual_seed(123)
+        got_output = output(tokens, kv)
+        expected_weights, probs = _attention_reference(weights, tokens, kv, drop_weights=0.3, drop_output=0.0,
+                                                       seed=123)
+        expected_output, _ = _attention_reference(output, tokens, kv, drop_weights=0.0, drop_output=0.3, seed=123)
+    torch.testing.assert_close(got_weights, expected_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_output, expected_output, rtol=1e-5, atol=1e-6)
+    # Dropout on the weights: rows of the probabilities no longer sum to 1, and no output entry is zeroed.
+    assert (probs.sum(dim=-1) - 1).abs().max() > 0.1
+    assert bool((got_weights != 0).all()) and bool((got_output == 0).any())
 
 
 def test_channels_last_and_bf16_autocast():
