@@ -71,6 +71,14 @@ def component_dir(export_dir: str, name: str) -> str:
     return shared if storage.exists(storage.join(shared, "config.json")) else own
 
 
+def export_record(checkpoint: str) -> Optional[dict]:
+    """export.json of the export a stages checkpoint directory `<run>/export/<step>/<kind>` belongs to (the
+    step, stage and run it was written at); None for a checkpoint that is not part of a run's export."""
+    parent = storage.normalize(checkpoint).rstrip("/").rpartition("/")[0]
+    path = storage.join(parent, EXPORT_RECORD) if parent else None
+    return storage.read_json(path) if path and storage.exists(path) else None
+
+
 def resolve_checkpoint(uri: str) -> str:
     """A stages checkpoint directory for `uri` (see the module docstring)."""
     uri = storage.normalize(uri)

@@ -65,10 +65,17 @@ def save(directory: str, *, engines: dict, generator: torch.Generator, ema: Opti
 
 
 def restore(directory: str, *, engines: dict, generator: torch.Generator, ema: Optional[ShardedEma], rank: int,
-            world: int, zero_stage: int) -> int:
-    """Load this rank's part of the checkpoint in `directory` into the engines, RNGs and EMA; returns the step."""
+            world: int, zero_stage: int, start_step: int = 0) -> int:
+    """Load this rank's part of the checkpoint in `directory` into the engines, RNGs and EMA; returns the step.
+    `start_step`: where the run's step count started (model.continue_step_count), which fixes its data position
+    and LR schedule: the checkpoint must have been written by a run that started there."""
     with open(os.path.join(directory, TRAIN_STATE)) as f:
         state = json.load(f)
+    if int(state.get("start_step", 0)) != start_step:
+        raise RuntimeError(
+            f"{directory}: written by a run whose step count started at {state.get('start_step', 0)}, this run's "
+            f"starts at {start_step} (model.init_from's export step): resuming would shift its data and LR "
+            "schedule. Start a new run_name")
     if state["world_size"] != world or state["zero_stage"] != zero_stage:
         raise RuntimeError(
             f"{directory}: written by {state['world_size']} workers with ZeRO-{state['zero_stage']}; this run has "

@@ -34,7 +34,7 @@ VERSION_EXCLUDES = (
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
     "train.allow_config_change", "train.audit_collectives", "train.overlap_comm", "train.bucket_size",
-    "data.loader_workers", "data.trace",
+    "data.loader_workers", "data.trace", "data.allow_latent_ratio_mismatch",
 )
 
 
@@ -48,6 +48,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # A stages checkpoint directory to start from (fine-tuning, e.g. released weights via stages.convert).
     init_from: Optional[str] = None
+    # With init_from naming a run's export (<run>/export/<kind> or <run>/export/<step>/<kind>): continue its step
+    # count (export.json's step) instead of starting at 0, as the paper's resolution schedule continues a run
+    # at the next resolution. The LR warm-up and the EMA schedule go on from that step and train.max_steps
+    # counts the whole chain (12x12 to 500k, then 24x24 to 864k); the data stream starts at this run's first
+    # sample and the optimizer starts fresh (an export holds the weights only: the EMA weights when on).
+    continue_step_count: bool = False
+
+    def validate(self) -> None:
+        if self.continue_step_count and not self.init_from:
+            raise ConfigError("continue_step_count: true needs model.init_from (the export whose step count the "
+                              "run continues)")
 
 
 @dataclasses.dataclass
@@ -68,6 +79,11 @@ class DataConfig:
     crop_size: int = param(128, ge=8)
     # Write the sample ids of every step to <run dir>/data_trace/ (an audit of the data order).
     trace: bool = False
+    # Stage B: start even though the input's Stage A latent size is not what generation derives from its
+    # semantic latent size (stages.sampling.stage_b_latent_size: x10.67, e.g. 12x12 -> 128x128, 24x24 ->
+    # 256x256); without it such an input stops the run at start-up, naming both shapes. For inputs sized for
+    # speed (the suite's tiny latents), not for generation.
+    allow_latent_ratio_mismatch: bool = False
 
     def validate(self) -> None:
         if self.crop_size > self.image_size:
@@ -359,6 +375,9 @@ class RunPlan:
     empty_text_emb: Optional[str]
     companions: dict[str, str]
     precision: str = "fp32"  # resolved train.precision: fp32 | bf16 | bf16-weights
+    # The step the run's count starts at: 0, or with model.continue_step_count the init export's step (pinned in
+    # run.json at the first start, so a resume keeps it).
+    start_step: int = 0
     # evaluation.every: the texts the evaluated images are scored against (Stage C: the prompts, resolved once
     # by the driver; Stage B: the evaluated samples' captions).
     evaluation_prompts: list[str] = dataclasses.field(default_factory=list)

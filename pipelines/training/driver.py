@@ -55,8 +55,27 @@ def require_input(cfg: TrainConfig) -> str:
     return uri
 
 
+# Weight-changing settings added after runs existed: left out of the version hash while at these defaults, so
+# those runs keep their names (and resume) as before.
+VERSION_DEFAULTS_LEFT_OUT = {"model.continue_step_count": False}
+
+
+def hashed_settings(cfg: TrainConfig) -> dict:
+    """The config tree the run's version hashes: without VERSION_EXCLUDES, and without the settings of
+    VERSION_DEFAULTS_LEFT_OUT that are at their default."""
+    tree = strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES)
+    for key, default in VERSION_DEFAULTS_LEFT_OUT.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part, {})
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return tree
+
+
 def weights_hash(cfg: TrainConfig) -> str:
-    return config_lib.config_hash(cfg, exclude=VERSION_EXCLUDES)
+    return config_lib.config_hash(hashed_settings(cfg))
 
 
 def run_name(cfg: TrainConfig, input_id: Optional[str] = None) -> str:
@@ -65,7 +84,7 @@ def run_name(cfg: TrainConfig, input_id: Optional[str] = None) -> str:
         return cfg.run_name
     if input_id is None:
         input_id = manifest_lib.input_identity(require_input(cfg))
-    return f"{cfg.stage}-{manifest_lib.version_id(PHASE, cfg, input_id, exclude=VERSION_EXCLUDES)}"
+    return f"{cfg.stage}-{manifest_lib.version_id(PHASE, hashed_settings(cfg), input_id)}"
 
 
 def mlflow_run_name(cfg: TrainConfig, input_uri: str, now: Optional[datetime.datetime] = None) -> str:
@@ -132,6 +151,20 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     return ("bf16" if use_gpu else "fp32") if precision == "auto" else precision
 
 
+def continued_step(cfg: TrainConfig) -> int:
+    """`model.continue_step_count`: the step of the export `model.init_from` names (its export.json)."""
+    checkpoint = export_layout.resolve_checkpoint(cfg.model.init_from)
+    record = export_layout.export_record(checkpoint)
+    if record is None or not isinstance(record.get("step"), int):
+        raise ConfigError(f"model.continue_step_count: {cfg.model.init_from} is not a training run's export (no "
+                          f"export.json naming a step next to {checkpoint}); name <run>/export/<kind> or "
+                          f"<run>/export/<step>/<kind>, or set continue_step_count: false")
+    if record.get("stage") != cfg.stage:
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} is an export of a Stage "
+                          f"{str(record.get('stage')).upper()} run; this config trains Stage {cfg.stage.upper()}")
+    return record["step"]
+
+
 def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
     """Resolve the run; every problem with the config or the input raises ConfigError naming the key."""
     spec = STAGES[cfg.stage]
@@ -148,13 +181,21 @@ def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
     precision = resolve_precision(cfg.train.precision, use_gpu)
     name = run_name(cfg)
     root = runs_root(cfg)
+    start_step = 0
+    if cfg.model.continue_step_count:
+        # A resumed run keeps the step it started from, even if init_from's latest export has moved on since.
+        info = read_run_info(storage.join(root, name))
+        start_step = int(info["start_step"]) if info and "start_step" in info else continued_step(cfg)
+        if start_step >= cfg.train.max_steps:
+            raise ConfigError(f"train.max_steps: {cfg.train.max_steps} is not beyond step {start_step} of "
+                              f"{cfg.model.init_from}, which this run continues (max_steps counts the whole chain)")
     companions = _companions(cfg, input_manifest)
     evaluation_prompts = spec.plan_evaluation(cfg, input_uri, companions) if cfg.evaluation.every else []
     return RunPlan(stage=cfg.stage, run_name=name, run_dir=storage.join(root, name), runs_root=root,
                    input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu,
                    bf16=precision != "fp32", precision=precision,
                    tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
-                   companions=companions, evaluation_prompts=evaluation_prompts)
+                   companions=companions, evaluation_prompts=evaluation_prompts, start_step=start_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +228,7 @@ def record_run(cfg: TrainConfig, plan: RunPlan, info: Optional[dict]) -> None:
             "tracking_uri": plan.tracking_uri, "input": plan.input_uri,
             "input_identity": manifest_lib.input_identity(plan.input_uri), "weights_hash": weights_hash(cfg),
             "config": strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES), "code_version": manifest_lib.code_version(),
+            "start_step": plan.start_step,
         })
     manifest_lib.save_config(plan.run_dir, config_lib.to_dict(cfg))
 

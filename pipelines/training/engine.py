@@ -201,10 +201,11 @@ def _is_persistent_buffer(module: torch.nn.Module, dotted: str) -> bool:
 # Engines
 
 
-def warmup_then_constant(warmup_steps: int):
-    """LR multiplier for optimizer step n (0-based): linear (n+1)/warmup up to 1, then 1."""
+def warmup_then_constant(warmup_steps: int, start_step: int = 0):
+    """LR multiplier for optimizer step n (0-based) of a run whose step count starts at `start_step`
+    (model.continue_step_count): linear (start_step+n+1)/warmup up to 1, then 1."""
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        return 1.0 if warmup_steps <= 0 else min(1.0, (start_step + step + 1) / warmup_steps)
 
     return factor
 
@@ -219,7 +220,7 @@ def make_engine(cfg: TrainConfig, plan: RunPlan, world: int, model, *, lr: Optio
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or optim.lr,
                                       betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
                                       **({"fused": True} if plan.use_gpu else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps, plan.start_step))
     ds_config = engine_config(
         micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
         world_size=world, zero_stage=cfg.train.zero_stage if zero_stage is None else zero_stage,

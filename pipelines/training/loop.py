@@ -62,13 +62,15 @@ class WorkerLoop:
             self.ema = ShardedEma(self.engine, decay=cfg.ema.decay, start_step=cfg.ema.start_step,
                                   every=cfg.ema.every)
         self.samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps  # per rank
-        self.step = 0
+        # model.continue_step_count: the count goes on from the init export's step; this run's data position is
+        # (step - start_step) x samples per step.
+        self.start_step = self.step = plan.start_step
         self.trace: list[str] = []
         self.metric_lines: list[str] = []
         self.mlflow = None
         self.owns_mlflow_run = False  # rank 0 opened the MLflow run (and ends it)
         self.interval = IntervalMetrics(world=self.world, samples_per_step=self.samples_per_step,
-                                        num_samples=plan.num_samples, device=self.device)
+                                        num_samples=plan.num_samples, device=self.device, start_step=self.start_step)
         self.validation_off = "validation.every is 0" if not cfg.validation.every else \
             self.runner.validation_unavailable()
 
@@ -77,7 +79,8 @@ class WorkerLoop:
         directory = self.session.new_checkpoint_dir()
         state = None
         if self.rank == 0:
-            state = {"step": self.step, "samples_per_rank": self.step * self.samples_per_step,
+            state = {"step": self.step, "start_step": self.start_step,
+                     "samples_per_rank": (self.step - self.start_step) * self.samples_per_step,
                      "world_size": self.world, "zero_stage": self.cfg.train.zero_stage,
                      "engines": sorted(self.runner.engines), "ema": self.ema is not None,
                      "mlflow_run_id": self.plan.mlflow_run_id}
@@ -92,7 +95,7 @@ class WorkerLoop:
                 return
             self.step = checkpoint.restore(directory, engines=self.runner.engines, generator=self.runner.generator,
                                            ema=self.ema, rank=self.rank, world=self.world,
-                                           zero_stage=self.cfg.train.zero_stage)
+                                           zero_stage=self.cfg.train.zero_stage, start_step=self.start_step)
         log.info("rank %d: resumed at step %d", self.rank, self.step)
 
     # ---------------------------------------------------------------- consolidated weights
@@ -273,7 +276,7 @@ class WorkerLoop:
             if self.rank == 0:
                 self._log_params()
             self._log_validation_plan()
-            batches = self.runner.batches(start_sample=self.step * self.samples_per_step)
+            batches = self.runner.batches(start_sample=(self.step - self.start_step) * self.samples_per_step)
             last_metrics: dict[str, float] = {}
             while self.step < cfg.train.max_steps:
                 self._maybe_inject_fault()

@@ -60,8 +60,10 @@ class IntervalMetrics:
     # local_means' keys of a Ratio's parts (`reduce` turns them back into one metric).
     NUMERATOR, DENOMINATOR = "#numerator", "#denominator"
 
-    def __init__(self, *, world: int, samples_per_step: int, num_samples: int, device: torch.device):
+    def __init__(self, *, world: int, samples_per_step: int, num_samples: int, device: torch.device,
+                 start_step: int = 0):
         self.world, self.samples_per_step, self.num_samples, self.device = world, samples_per_step, num_samples, device
+        self.start_step = start_step  # samples_seen / epoch count this run's steps (model.continue_step_count)
         # Set on rank 0 (the only rank that logs): TFLOP/s and MFU are reported when they are known.
         self.flops_per_sample: Optional[float] = None
         self.peak_tflops: Optional[float] = None
@@ -95,8 +97,8 @@ class IntervalMetrics:
         return keys, values
 
     def reduce(self, step: int) -> dict[str, float]:
-        """The interval's averages at `step` (samples seen so far: step x samples per step x world); starts
-        the next interval."""
+        """The interval's averages at `step` (samples this run has seen: (step - start_step) x samples per step x
+        world); starts the next interval."""
         keys, values = self.local_means()
         if dist.is_initialized():
             dist.all_reduce(values)
@@ -110,7 +112,7 @@ class IntervalMetrics:
         samples = self.steps * self.samples_per_step * self.world
         out = dict(averaged)
         out["samples_per_s"] = samples / mean_seconds if mean_seconds > 0 else 0.0
-        out["samples_seen"] = float(step * self.samples_per_step * self.world)
+        out["samples_seen"] = float((step - self.start_step) * self.samples_per_step * self.world)
         out["epoch"] = out["samples_seen"] / max(1, self.num_samples)
         if self.flops_per_sample:
             out["tflops_per_worker"] = out["samples_per_s"] * self.flops_per_sample / self.world / 1e12

@@ -10,6 +10,7 @@ the loop and the metrics never branch on the stage: they ask its spec.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -267,6 +268,33 @@ class StageBSpec(DiffusionSpec):
         if len(stage_a) != 3 or stage_a[0] != config.c_in or stage_a[1] % multiple or stage_a[2] % multiple:
             raise ConfigError(f"input: {source} column stage_a has shape {stage_a}, {self.label} expects "
                               f"({config.c_in}, H, W) with H and W multiples of {multiple}")
+
+    def plan_input(self, cfg, model_config, input_uri, manifest) -> InputPlan:
+        plan = super().plan_input(cfg, model_config, input_uri, manifest)
+        if not cfg.data.allow_latent_ratio_mismatch:
+            self.check_latent_ratio(plan.shapes, input_uri)
+        return plan
+
+    @staticmethod
+    def check_latent_ratio(shapes: dict[str, list[int]], source: str) -> None:
+        """Generation decodes a Stage C latent of h x w into a Stage B latent of stage_b_latent_size(h, w)
+        (the released pipelines' x10.67): a Stage B trained at another semantic / latent ratio is sampled
+        at one it never saw."""
+        semantic, stage_a = shapes["semantic"], shapes["stage_a"]
+        expected = sampling.stage_b_latent_size(semantic[1], semantic[2])
+        if tuple(stage_a[1:]) == expected:
+            return
+        # The semantic side that would map to each Stage A side (none where x10.67 skips it, e.g. 16).
+        fitting = [math.ceil(side / sampling.STAGE_B_LATENT_SCALE) for side in stage_a[1:]]
+        hint = (f"semantic latents of {fitting[0]}x{fitting[1]} fit these Stage A latents"
+                if sampling.stage_b_latent_size(*fitting) == tuple(stage_a[1:])
+                else "no semantic latent size maps to these Stage A latents")
+        raise ConfigError(
+            f"input: {source} has semantic latents {list(semantic)} and Stage A latents {list(stage_a)}, but "
+            f"generation maps a {semantic[1]}x{semantic[2]} semantic latent to a {expected[0]}x{expected[1]} Stage B "
+            f"latent (stages.sampling.stage_b_latent_size): Stage B would train at a ratio it is never sampled at "
+            f"({hint}; precompute semantic_resolution / stage_a_resolution decide them). If this is meant, set "
+            f"data.allow_latent_ratio_mismatch: true")
 
     def loss(self, model, batch, *, text_uncond, data_cfg, generator):
         return diffusion.stage_b_loss(
