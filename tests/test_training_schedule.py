@@ -199,6 +199,17 @@ def test_stage_c_schedule_12_then_24_continues_the_step_count(tmp_path):
     _check_continued(chain, "stage_c", StageC, StageCConfig)
 
 
+def _write_export(export_root, step: int) -> None:
+    """A Stage B run's export at `step` in the layout training writes (pipelines.training.export)."""
+    import stages
+    from stages.stage_b import StageB, StageBConfig
+
+    stages.save(StageB(StageBConfig.tiny()), export_root / export_layout.step_name(step) / "stage_b")
+    with open(export_root / export_layout.step_name(step) / export_layout.EXPORT_RECORD, "w") as f:
+        json.dump({"stage": "b", "step": step, "kind": "stage_b"}, f)
+    export_layout.set_latest(str(export_root), step)
+
+
 def test_continuing_needs_an_export_of_the_same_stage_short_of_max_steps(tmp_path):
     import stages
     from stages.stage_b import StageB, StageBConfig
@@ -213,10 +224,7 @@ def test_continuing_needs_an_export_of_the_same_stage_short_of_max_steps(tmp_pat
         plan_run(paper_config("train-b-1024.yaml", tmp_path, f"input={data}", f"model.init_from={plain}",
                               *TINY_RUN), use_gpu=False)
     export = tmp_path / "runs" / "b-run" / EXPORT_DIR
-    stages.save(StageB(StageBConfig.tiny()), export / export_layout.step_name(5) / "stage_b")
-    with open(export / export_layout.step_name(5) / export_layout.EXPORT_RECORD, "w") as f:
-        json.dump({"stage": "b", "step": 5, "kind": "stage_b"}, f)
-    export_layout.set_latest(str(export), 5)
+    _write_export(export, 5)
     continued = paper_config("train-b-1024.yaml", tmp_path, f"input={data}", f"model.init_from={export}/stage_b",
                              *TINY_RUN, "train.max_steps=5")
     with pytest.raises(ConfigError, match="train.max_steps: 5 is not beyond step 5"):
@@ -231,3 +239,19 @@ def test_continuing_needs_an_export_of_the_same_stage_short_of_max_steps(tmp_pat
                       "model.continue_step_count=true")
     assert "continue_step_count" not in driver.hashed_settings(base)["model"]
     assert driver.run_name(base) != driver.run_name(on)
+
+
+def test_a_resumed_run_keeps_the_step_it_started_from(tmp_path):
+    """run.json pins the start: the first run's later exports do not move a started continuation."""
+    data = write_dataset(str(tmp_path / "latents" / "v"), shapes(3, 32), 8, 4)
+    export = tmp_path / "runs" / "b-512" / EXPORT_DIR
+    _write_export(export, 5)
+    overrides = [f"input={data}", f"model.init_from={export}/stage_b", *TINY_RUN, "train.max_steps=20"]
+    cfg = paper_config("train-b-1024.yaml", tmp_path, *overrides, "run_name=b-1024")
+    plan = plan_run(cfg, use_gpu=False)
+    assert plan.start_step == 5
+    driver.record_run(cfg, plan, None)
+    _write_export(export, 9)  # the first run trained on
+    assert plan_run(cfg, use_gpu=False).start_step == 5
+    fresh = paper_config("train-b-1024.yaml", tmp_path, *overrides, "run_name=another")
+    assert plan_run(fresh, use_gpu=False).start_step == 9
