@@ -17,8 +17,11 @@ How a run works
 * Every ``checkpoint_every`` steps all ranks save their DeepSpeed shards, RNG states, EMA shards and the
   step into a checkpoint reported through ``ray.train.report``; Ray keeps the last ``keep_checkpoints``.
   Rerunning the same run name resumes from the latest one (same MLflow run, same data order: the data
-  position is step x samples per step, and the reader resumes at that sample exactly); a crashed worker
-  group is restarted from it by ``FailureConfig(max_failures)``.
+  position is step x samples per step, counted from the run's start step, and the reader resumes at that
+  sample exactly); a crashed worker group is restarted from it by ``FailureConfig(max_failures)``.
+* ``model.continue_step_count`` with ``model.init_from`` naming a run's export starts the count at that export's
+  step (the paper's resolution schedule: configs/train-b-1024.yaml, train-c-24x24.yaml): LR warm-up, EMA and
+  ``max_steps`` go on from there; the step it started at is pinned in ``run.json`` and in the checkpoints.
 * Every ``export_every`` steps and at the end, the EMA weights (or the weights, without EMA) are
   gathered from the ZeRO partitions and written as a ``stages`` checkpoint to
   ``<run dir>/export/<step>/<stage>/``; the text encoder / Stage A / Stage B checkpoints the run was trained

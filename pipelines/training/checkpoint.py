@@ -2,8 +2,8 @@
 DeepSpeed shards under its name, every rank's RNG states and EMA shards, and `train_state.json` (the
 step, and the layout the shards only load back into).
 
-Resume is exact: the step fixes the data position (step x samples per step), the RNG files the dropout
-and objective streams, the DeepSpeed files the weights, optimizer and LR schedule.
+Resume is exact: the step fixes the data position ((step - the run's start step) x samples per step), the
+RNG files the dropout and objective streams, the DeepSpeed files the weights, optimizer and LR schedule.
 """
 
 from __future__ import annotations
