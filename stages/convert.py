@@ -193,6 +193,11 @@ def to_diffusers(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
             f"{src} holds a {kind!r} checkpoint, which has no diffusers model class; "
             f"convertible kinds are {sorted(KIND_TO_DIFFUSERS)}"
         )
+    if getattr(config, "prediction", "eps") != "eps":
+        raise CheckpointError(
+            f"{src}: this Stage B predicts {config.prediction!r}; diffusers' WuerstchenDiffNeXt and its "
+            "pipelines read its head as eps = (x_t - A) / B only, so the export would generate wrong images"
+        )
     class_name = KIND_TO_DIFFUSERS[kind]
     weights = src / WEIGHTS_FILE
     if not weights.is_file():

@@ -32,9 +32,11 @@ from stages.blocks import (
     TimestepBlock,
     sinusoidal_r_embedding,
 )
+from stages.diffusion import alpha_bar
 from stages.stage_c import _config_from_dict
 
-_BLOCK_TYPES = "CTA"  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
+_BLOCK_TYPES = "CTA"
+PREDICTIONS = ("eps", "v")  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
 
 
 @dataclass
@@ -59,6 +61,12 @@ class StageBConfig:
     # Where the attention blocks' dropout acts (not a diffusers key; see StageCConfig): "weights" (the
     # authors' training) or "output" (diffusers' modules).
     attention_dropout_on: str = "weights"
+    # What the head's first half predicts (not a diffusers key). "eps": the released model's
+    # eps = (x_t - A) / B. "v": A is v = sqrt(ab) eps - sqrt(1 - ab) x0, and forward still returns eps,
+    # so samplers and guidance are unchanged; its loss is the v MSE (stages.diffusion). Under eps, the x0
+    # error at t -> 1, where a small latent's layout is decided, weighs ~alpha_bar (1e-4): a short run
+    # never learns it (BENCHMARKS.md, "demo prompt adherence"). diffusers' pipelines know only "eps".
+    prediction: str = "eps"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper")
 
@@ -86,6 +94,8 @@ class StageBConfig:
                 )
         if isinstance(self.dropout, list) and len(self.dropout) != levels:
             raise ValueError(f"StageBConfig.dropout list has {len(self.dropout)} entries, expected {levels}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"StageBConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
             raise ValueError(f"StageBConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
                              f"got {self.attention_dropout_on!r}")
@@ -387,4 +397,7 @@ class StageB(nn.Module):
         b = b.float().sigmoid() * (1 - 2 * eps) + eps
         if not return_noise:
             return a, b
+        if self.config.prediction == "v":
+            signal = alpha_bar(r).reshape(-1, 1, 1, 1)
+            return (1 - signal).sqrt() * x_in.float() + signal.sqrt() * a.float()
         return (x_in.float() - a.float()) / b

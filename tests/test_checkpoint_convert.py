@@ -237,3 +237,9 @@ def test_convert_pipeline_folder_and_errors(tmp_path, capsys):
     stages.save(TextEncoder(TextEncoderConfig.tiny()), tmp_path / "text")
     with pytest.raises(CheckpointError, match="'text' checkpoint, which has no diffusers model class"):
         to_diffusers(tmp_path / "text", tmp_path / "z")
+    # A v-predicting Stage B: diffusers' pipelines read the head as eps only, so it is not exported.
+    v_config = StageBConfig.tiny()
+    v_config.prediction = "v"
+    stages.save(StageB(v_config), tmp_path / "stage_b_v")
+    with pytest.raises(CheckpointError, match="predicts 'v'"):
+        to_diffusers(tmp_path / "stage_b_v", tmp_path / "v")

@@ -171,3 +171,43 @@ def test_effnet_augmentation_zeroes_and_noises_per_sample():
     loss, parts = D.stage_b_loss(model, x0, effnet, text, t=torch.full((400,), 0.3), noise=torch.zeros_like(x0))
     torch.testing.assert_close(parts.mse, torch.ones(400))  # prediction 1 everywhere, noise 0
     torch.testing.assert_close(loss, torch.full((), 1 - D.alpha_bar(torch.tensor([0.3])).item()))
+
+
+def test_timestep_warp_draws_more_high_noise_steps():
+    paper = D.sample_training_t(20000, generator=torch.Generator().manual_seed(0))
+    warped = D.sample_training_t(20000, generator=torch.Generator().manual_seed(0), warp=3.0)
+    torch.testing.assert_close(warped, (1 - (1 - paper) ** 3).clamp(D.TRAIN_T_MIN, 1.0))
+    assert float((paper > 0.9).float().mean()) == pytest.approx(0.17, abs=0.02)
+    assert float((warped > 0.9).float().mean()) == pytest.approx(0.50, abs=0.02)
+    assert float(warped.min()) >= D.TRAIN_T_MIN and float(warped.max()) <= 1.0
+
+
+def test_v_predicting_stage_b_returns_eps_and_trains_on_the_v_mse():
+    """A v-predicting Stage B's forward is eps = sqrt(1 - ab) x_t + sqrt(ab) v (A = v), so samplers are
+    unchanged; its loss is the eps MSE / alpha_bar, which equals the MSE of A against the true v."""
+    from stages.stage_b import StageB, StageBConfig
+
+    torch.manual_seed(0)
+    config = StageBConfig.tiny()
+    config.prediction = "v"
+    model = StageB(config).eval()
+    with torch.no_grad():  # a non-zero head, so A is not trivially 0
+        model.clf[1].weight.normal_(std=0.05)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, 4, 16, 16, generator=gen)
+    effnet, text = torch.randn(3, 16, 2, 2, generator=gen), torch.randn(3, 5, 32, generator=gen)
+    t = torch.tensor([0.2, 0.7, 1.0])
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = D.add_noise(x0, t, noise)
+    with torch.no_grad():
+        v, _ = model(x_t, t, effnet, text, return_noise=False)
+        eps = model(x_t, t, effnet, text)
+        ab = D.alpha_bar(t).view(-1, 1, 1, 1)
+        torch.testing.assert_close(eps, (1 - ab).sqrt() * x_t + ab.sqrt() * v)
+        loss, parts = D.stage_b_loss(model, x0, effnet, text, t=t, noise=noise)
+    true_v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    torch.testing.assert_close(parts.weighted, (v - true_v).pow(2).flatten(1).mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(parts.p2_weight, 1 / D.alpha_bar(t))
+    torch.testing.assert_close(loss, parts.weighted.mean())
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        StageBConfig(prediction="x0")

@@ -74,6 +74,8 @@ class DataConfig:
     effnet_dropout: float = param(0.05, ge=0.0, le=1.0)
     effnet_noise_probability: float = param(0.3, ge=0.0, le=1.0)
     effnet_noise_max_t: float = param(0.5, ge=0.0, le=1.0)
+    # Stage B / C: training timesteps t -> 1 - (1 - t)^k (k > 1: more high-noise steps; 1: the paper's).
+    timestep_warp: float = param(1.0, ge=1.0, le=10.0)
     # Stage A: images are resized (shorter side) to image_size, then randomly cropped to crop_size.
     image_size: int = param(256, ge=8)
     crop_size: int = param(128, ge=8)

@@ -57,7 +57,7 @@ def require_input(cfg: TrainConfig) -> str:
 
 # Weight-changing settings added after runs existed: left out of the version hash while at these defaults, so
 # those runs keep their names (and resume) as before.
-VERSION_DEFAULTS_LEFT_OUT = {"model.continue_step_count": False}
+VERSION_DEFAULTS_LEFT_OUT = {"model.continue_step_count": False, "data.timestep_warp": 1.0}
 
 
 def hashed_settings(cfg: TrainConfig) -> dict:

@@ -203,7 +203,8 @@ class StageCSpec(DiffusionSpec):
     def loss(self, model, batch, *, text_uncond, data_cfg, generator):
         x0 = to_stage_c(batch["semantic"].float()).to(batch["semantic"].dtype)
         return diffusion.stage_c_loss(model, x0, batch["text_emb"], text_uncond=text_uncond,
-                                      text_dropout=data_cfg.text_dropout, generator=generator)
+                                      text_dropout=data_cfg.text_dropout, timestep_warp=data_cfg.timestep_warp,
+                                      generator=generator)
 
     def validation_loss(self, model, batch, *, t, noise):
         x0 = to_stage_c(batch["semantic"].float()).to(batch["semantic"].dtype)
@@ -301,7 +302,8 @@ class StageBSpec(DiffusionSpec):
             model, batch["stage_a"], batch["semantic"], batch["text_emb"], text_uncond=text_uncond,
             text_dropout=data_cfg.text_dropout, effnet_dropout=data_cfg.effnet_dropout,
             effnet_noise_probability=data_cfg.effnet_noise_probability,
-            effnet_noise_max_t=data_cfg.effnet_noise_max_t, generator=generator)
+            effnet_noise_max_t=data_cfg.effnet_noise_max_t, timestep_warp=data_cfg.timestep_warp,
+            generator=generator)
 
     def validation_loss(self, model, batch, *, t, noise):
         return diffusion.stage_b_loss(model, batch["stage_a"], batch["semantic"], batch["text_emb"], t=t, noise=noise)
