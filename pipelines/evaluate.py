@@ -58,6 +58,10 @@ class ClipScoreConfig:
 @dataclasses.dataclass
 class EvaluateConfig:
     input: Optional[str] = None  # a training run dir, its export root, or one export step
+    # A Stage B checkpoint to decode with instead of the copy bundled in the Stage C export (a stages
+    # checkpoint, or a run's export/stage_b = its latest export): the export keeps the Stage B of the day
+    # Stage C trained, and Stage C's weights, hence its export, do not change when only Stage B does.
+    stage_b: Optional[str] = None
     output: Optional[str] = None  # default <data_root>/evaluations
     data_root: str = dataclasses.field(default_factory=default_data_root)
     prompts: list[str] = dataclasses.field(default_factory=list)
@@ -239,7 +243,12 @@ class EvaluatePhase(Phase):
         except InputError:
             return f"pending:{uri}"
         record = storage.read_bytes(storage.join(export, export_layout.EXPORT_RECORD))
-        return f"export:{manifest_lib.hash_bytes(record)}"
+        identity = f"export:{manifest_lib.hash_bytes(record)}"
+        if cfg.stage_b:  # the decoder's weights, not its path: a run trained further keeps its path
+            weights = storage.join(export_layout.resolve_checkpoint(cfg.stage_b), "model.safetensors")
+            identity += (f"|stage_b:{manifest_lib.hash_bytes(storage.read_bytes(weights))}"
+                         if storage.exists(weights) else f"|stage_b:pending:{cfg.stage_b}")
+        return identity
 
     def lineage_input(self, ctx: Context) -> Optional[str]:
         # The training run (its manifest names its MLflow run): wurst.input_run_id links the two runs.
@@ -274,8 +283,17 @@ class EvaluatePhase(Phase):
         if out is None:
             raise ConfigError("output: evaluate writes images to a local or shared filesystem path")
         images_dir = os.path.join(out, "images")
+        models = generate.load_generation_models(export)
+        if cfg.stage_b:
+            import stages
+
+            like = next(models.stage_b.parameters())
+            models.stage_b = stages.load(storage.local_copy(export_layout.resolve_checkpoint(cfg.stage_b)),
+                                         expected_kind="stage_b", device=like.device, dtype=like.dtype)
+            models.sources["stage_b"] = cfg.stage_b
+            models.check()
         result = generate.generate_images(
-            prompts, checkpoints=export, n=cfg.n, height=cfg.height, width=cfg.width, seed=cfg.seed,
+            prompts, models=models, n=cfg.n, height=cfg.height, width=cfg.width, seed=cfg.seed,
             steps_c=cfg.steps_c, steps_b=cfg.steps_b, guidance_c=cfg.guidance_c, guidance_b=cfg.guidance_b,
             batch_size=cfg.batch_size, out_dir=images_dir)
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in result.images])

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipelines import config as config_lib
 from pipelines import demo_data, evaluate, export_layout, manifest
@@ -111,3 +112,40 @@ def test_unseen_prompts_come_from_the_training_captions_and_a_stage_b_export_is_
                                                           "unseen_prompts=3"])
     with pytest.raises(evaluate.InputError, match="Stage B export"):
         evaluate.run(cfg)
+
+
+def test_a_separate_stage_b_decodes_and_versions_the_evaluation(tmp_path):
+    """`stage_b:` replaces the Stage B bundled in the Stage C export (which keeps the one of the day Stage C
+    trained): the evaluation is versioned by that decoder's weights and decodes with it."""
+    import torch
+
+    import stages
+    from stages.stage_b import StageB, StageBConfig
+
+    latents = helpers.write_latent_dataset(str(tmp_path / "latents"))
+    run_dir = str(tmp_path / "runs" / "c-test")
+    write_stage_c_export(run_dir, latents)
+    base = [f"input={run_dir}", f"data_root={tmp_path}", f"prompts={json.dumps(PROMPTS[:1])}", "n=1",
+            "height=128", "width=128", "steps_c=\"2\"", "steps_b=2"]
+    bundled = evaluate.run(config_lib.load(evaluate.EvaluateConfig, None, base))
+
+    def write_decoder(path, prediction):
+        torch.manual_seed(1)
+        config = StageBConfig.tiny()
+        config.prediction = prediction
+        model = StageB(config)
+        with torch.no_grad():
+            model.clf[1].weight.normal_(std=0.05)  # a head that draws something
+        stages.save(model, path)
+        return path
+
+    first = write_decoder(str(tmp_path / "b1" / "stage_b"), "eps")
+    second = write_decoder(str(tmp_path / "b2" / "stage_b"), "v")
+    with_first = evaluate.run(config_lib.load(evaluate.EvaluateConfig, None, base + [f"stage_b={first}"]))
+    with_second = evaluate.run(config_lib.load(evaluate.EvaluateConfig, None, base + [f"stage_b={second}"]))
+    assert len({bundled.output, with_first.output, with_second.output}) == 3
+    grids = [np.asarray(Image.open(os.path.join(r.output, "grid.png")))
+             for r in (bundled, with_first, with_second)]
+    assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[1], grids[2])
+    again = evaluate.run(config_lib.load(evaluate.EvaluateConfig, None, base + [f"stage_b={first}"]))
+    assert again.skipped and again.output == with_first.output
