@@ -60,6 +60,12 @@ def main(argv=None) -> None:
 
     c_export = export_layout.latest_dir(os.path.join(run_of(args.data_root, "c"), "export"))
     models = generate.load_generation_models(c_export, device="cpu", dtype=torch.float32)
+    # The newest Stage B run's export, not the copy in the Stage C export (the Stage B of the day C trained).
+    import stages
+
+    b_dir = export_layout.resolve_checkpoint(os.path.join(run_of(args.data_root, "b"), "export", "stage_b"))
+    models.stage_b = stages.load(b_dir, expected_kind="stage_b", device="cpu", dtype=torch.float32)
+    models.check()
     record = json.load(open(os.path.join(c_export, export_layout.EXPORT_RECORD)))
     latents = record["input"]
     reader = LatentDataset(latents, ["caption", "text_emb", "semantic", "stage_a"], shuffle=True, seed=1,

@@ -195,8 +195,8 @@ def to_diffusers(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dt
         )
     if getattr(config, "prediction", "eps") != "eps":
         raise CheckpointError(
-            f"{src}: this Stage B predicts {config.prediction!r}; diffusers' WuerstchenDiffNeXt and its "
-            "pipelines read its head as eps = (x_t - A) / B only, so the export would generate wrong images"
+            f"{src}: this {kind} checkpoint predicts {config.prediction!r}; diffusers' Würstchen models and "
+            "pipelines read the head as eps only, so the export would generate wrong images"
         )
     class_name = KIND_TO_DIFFUSERS[kind]
     weights = src / WEIGHTS_FILE

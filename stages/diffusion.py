@@ -232,7 +232,7 @@ def _diffusion_loss(
 
 
 def _prediction_of(model: nn.Module) -> str:
-    """"eps" or "v": what a Stage B's head predicts (a DeepSpeed engine holds it as ``.module``)."""
+    """"eps" or "v": what a Stage B / C head predicts (a DeepSpeed engine holds it as ``.module``)."""
     config = getattr(getattr(model, "module", model), "config", None)
     return getattr(config, "prediction", "eps")
 
@@ -252,10 +252,11 @@ def stage_c_loss(
     """p2-weighted noise-prediction loss of Stage C on clean semantic latents ``x0`` (already in the
     Stage C scale (x + 1) / 42). ``text_dropout`` replaces a sample's text by ``text_uncond`` (the
     empty-caption embedding) for classifier-free guidance; the paper uses 0.05. ``t`` / ``noise``
-    may be given to make the loss deterministic. Returns (scalar loss, per-sample parts)."""
+    may be given to make the loss deterministic. Returns (scalar loss, per-sample parts). A prior whose
+    config says ``prediction: "v"`` is trained on the v MSE instead (``_diffusion_loss``)."""
     text = _drop_text(text, text_uncond, text_dropout, generator)
     return _diffusion_loss(lambda x_t, t_: model(x_t, t_, text), x0, t, noise, generator,
-                           timestep_warp=timestep_warp)
+                           prediction=_prediction_of(model), timestep_warp=timestep_warp)
 
 
 def augment_effnet(

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stages.diffusion import alpha_bar
+
 from stages.blocks import (
     ATTENTION_DROPOUT_ON,
     AttnBlock,
@@ -37,6 +39,7 @@ _TEXT_ENCODER_ALIASES = {"vit-h-14": "clip-h", "vit-bigg-14": "clip-bigg", "clip
 
 # Stage C blocks come in groups of three: ResBlock, TimestepBlock, AttnBlock.
 _BLOCKS_PER_LAYER = 3
+PREDICTIONS = ("eps", "v")
 # The paper prior's text width (CLIP-H) and model width: "paper_gain" init keeps their mapper gains.
 _PAPER_TEXT_WIDTH, _PAPER_WIDTH = 1024, 1536
 
@@ -72,6 +75,9 @@ class StageCConfig:
     # as the authors trained (nn.MultiheadAttention(dropout=0.1)); "output", after the output projection as
     # diffusers' modules do. Only training differs.
     attention_dropout_on: str = "weights"
+    # What the head's A predicts (not a diffusers key): "eps", the released prior's eps = (x_t - A) / |1 - B|,
+    # or "v", as StageBConfig.prediction (forward still returns eps; trained on the v MSE).
+    prediction: str = "eps"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper", "paper-clip-h", "paper-clip-bigg")
     COND_INITS: ClassVar[tuple[str, ...]] = ("official", "paper_gain")
@@ -89,6 +95,8 @@ class StageCConfig:
             raise ValueError(f"StageCConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.cond_init not in self.COND_INITS:
             raise ValueError(f"StageCConfig.cond_init must be one of {list(self.COND_INITS)}, got {self.cond_init!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"StageCConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
             raise ValueError(f"StageCConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
                              f"got {self.attention_dropout_on!r}")
@@ -240,5 +248,8 @@ class StageC(nn.Module):
         a, b = self.out(h).chunk(2, dim=1)
         if not return_noise:
             return a, b
+        if self.config.prediction == "v":
+            signal = alpha_bar(r).reshape(-1, 1, 1, 1)
+            return (1 - signal).sqrt() * x_in.float() + signal.sqrt() * a.float()
         # fp32 so that |1 - B| + 1e-5 is not rounded away under bf16 autocast.
         return (x_in.float() - a.float()) / ((1 - b.float()).abs() + 1e-5)

@@ -211,3 +211,23 @@ def test_v_predicting_stage_b_returns_eps_and_trains_on_the_v_mse():
     torch.testing.assert_close(loss, parts.weighted.mean())
     with pytest.raises(ValueError, match="prediction must be one of"):
         StageBConfig(prediction="x0")
+
+
+def test_v_predicting_stage_c_returns_eps_and_trains_on_the_v_mse():
+    from stages.stage_c import StageC, StageCConfig
+
+    torch.manual_seed(0)
+    model = StageC(StageCConfig(c=32, c_cond=8, depth=1, nhead=2, prediction="v")).eval()
+    with torch.no_grad():
+        model.out[1].weight.normal_(std=0.05)
+    gen = torch.Generator().manual_seed(4)
+    x0, text = torch.randn(3, 16, 3, 3, generator=gen), torch.randn(3, 5, 8, generator=gen)
+    t, noise = torch.tensor([0.1, 0.6, 1.0]), torch.randn(3, 16, 3, 3, generator=gen)
+    x_t = D.add_noise(x0, t, noise)
+    with torch.no_grad():
+        v, _ = model(x_t, t, text, return_noise=False)
+        ab = D.alpha_bar(t).view(-1, 1, 1, 1)
+        torch.testing.assert_close(model(x_t, t, text), (1 - ab).sqrt() * x_t + ab.sqrt() * v)
+        _, parts = D.stage_c_loss(model, x0, text, t=t, noise=noise)
+    true_v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    torch.testing.assert_close(parts.weighted, (v - true_v).pow(2).flatten(1).mean(1), rtol=1e-4, atol=1e-5)
