@@ -31,6 +31,8 @@ TRAIN_T_SCALE = 1.08
 TRAIN_T_MIN = 0.001
 
 # Conditioning dropout / augmentation rates of the official recipes (see reference/wuerstchen.md).
+# What a Stage B / C head predicts: "eps" (the released models) or "v" (see eps_from_v).
+PREDICTIONS = ("eps", "v")
 PAPER_TEXT_DROPOUT = 0.05
 PAPER_EFFNET_DROPOUT = 0.05
 PAPER_EFFNET_NOISE_PROB = 0.3
@@ -76,6 +78,13 @@ def alpha_bar(t: torch.Tensor, s: float = COSINE_S, scaler: float = 1.0) -> torc
     init = math.cos(s / (1 + s) * math.pi * 0.5) ** 2
     value = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** 2 / init
     return value.clamp(ALPHA_BAR_MIN, ALPHA_BAR_MAX)
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise a v prediction implies: eps = sqrt(1 - ab) x_t + sqrt(ab) v, v = sqrt(ab) eps - sqrt(1 - ab) x0
+    (fp32; per-sample t (B,))."""
+    signal = alpha_bar(t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return (1 - signal).sqrt() * x_t.float() + signal.sqrt() * v.float()
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

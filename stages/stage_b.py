@@ -32,11 +32,10 @@ from stages.blocks import (
     TimestepBlock,
     sinusoidal_r_embedding,
 )
-from stages.diffusion import alpha_bar
-from stages.stage_c import _config_from_dict
+from stages.diffusion import PREDICTIONS, eps_from_v
+from stages.stage_c import _check_choice, _config_from_dict
 
-_BLOCK_TYPES = "CTA"
-PREDICTIONS = ("eps", "v")  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
+_BLOCK_TYPES = "CTA"  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
 
 
 @dataclass
@@ -94,11 +93,8 @@ class StageBConfig:
                 )
         if isinstance(self.dropout, list) and len(self.dropout) != levels:
             raise ValueError(f"StageBConfig.dropout list has {len(self.dropout)} entries, expected {levels}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"StageBConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
-            raise ValueError(f"StageBConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
-                             f"got {self.attention_dropout_on!r}")
+        _check_choice(self, "prediction", PREDICTIONS)
+        _check_choice(self, "attention_dropout_on", ATTENTION_DROPOUT_ON)
         for level, (width, heads, n_blocks, kinds) in enumerate(
             zip(self.c_hidden, self.nhead, self.blocks, self.level_config)
         ):
@@ -398,6 +394,5 @@ class StageB(nn.Module):
         if not return_noise:
             return a, b
         if self.config.prediction == "v":
-            signal = alpha_bar(r).reshape(-1, 1, 1, 1)
-            return (1 - signal).sqrt() * x_in.float() + signal.sqrt() * a.float()
+            return eps_from_v(x_in, a, r)
         return (x_in.float() - a.float()) / b

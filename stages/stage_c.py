@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stages.diffusion import alpha_bar
+from stages.diffusion import PREDICTIONS, eps_from_v
 
 from stages.blocks import (
     ATTENTION_DROPOUT_ON,
@@ -39,9 +39,15 @@ _TEXT_ENCODER_ALIASES = {"vit-h-14": "clip-h", "vit-bigg-14": "clip-bigg", "clip
 
 # Stage C blocks come in groups of three: ResBlock, TimestepBlock, AttnBlock.
 _BLOCKS_PER_LAYER = 3
-PREDICTIONS = ("eps", "v")
 # The paper prior's text width (CLIP-H) and model width: "paper_gain" init keeps their mapper gains.
 _PAPER_TEXT_WIDTH, _PAPER_WIDTH = 1024, 1536
+
+
+def _check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    """A config field that takes one of `choices`: a ValueError naming the class and the field otherwise."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{type(config).__name__}.{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _config_from_dict(cls, data: dict[str, Any], what: str):
@@ -93,13 +99,9 @@ class StageCConfig:
             raise ValueError(f"StageCConfig.c_r must be >= 4, got {self.c_r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"StageCConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.cond_init not in self.COND_INITS:
-            raise ValueError(f"StageCConfig.cond_init must be one of {list(self.COND_INITS)}, got {self.cond_init!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"StageCConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        if self.attention_dropout_on not in ATTENTION_DROPOUT_ON:
-            raise ValueError(f"StageCConfig.attention_dropout_on must be one of {list(ATTENTION_DROPOUT_ON)}, "
-                             f"got {self.attention_dropout_on!r}")
+        _check_choice(self, "cond_init", self.COND_INITS)
+        _check_choice(self, "prediction", PREDICTIONS)
+        _check_choice(self, "attention_dropout_on", ATTENTION_DROPOUT_ON)
 
     @classmethod
     def tiny(cls) -> StageCConfig:
@@ -249,7 +251,6 @@ class StageC(nn.Module):
         if not return_noise:
             return a, b
         if self.config.prediction == "v":
-            signal = alpha_bar(r).reshape(-1, 1, 1, 1)
-            return (1 - signal).sqrt() * x_in.float() + signal.sqrt() * a.float()
+            return eps_from_v(x_in, a, r)
         # fp32 so that |1 - B| + 1e-5 is not rounded away under bf16 autocast.
         return (x_in.float() - a.float()) / ((1 - b.float()).abs() + 1e-5)

@@ -121,19 +121,8 @@ class WorkerLoop:
         their sources and the run dir holds them. A failure here stops the run, as a failed metric log does:
         the export itself is on disk already, and a resume logs the step again (the version is not repeated)."""
         artifact_path = f"{EXPORT_DIR}/{export_layout.step_name(self.step)}"
-        local = storage.local_path(step_dir)
-        if local is not None:
-            self.mlflow.log_artifacts(local, artifact_path)
-        else:  # an object-store run dir: through a temporary local copy
-            import posixpath
-            import tempfile
-
-            base = storage.normalize(step_dir).split("://", 1)[-1]
-            with tempfile.TemporaryDirectory(prefix="wurst-export-log-") as tmp:
-                for path in storage.list_files(step_dir, recursive=True):
-                    relative = posixpath.relpath(path.split("://", 1)[-1], base)
-                    storage.write_bytes(os.path.join(tmp, relative), storage.read_bytes(path))
-                self.mlflow.log_artifacts(tmp, artifact_path)
+        # An object-store run dir goes through a local copy.
+        self.mlflow.log_artifacts(storage.local_copy(step_dir), artifact_path)
         name = self.cfg.mlflow.register_model
         if name:
             version = tracking.register_artifacts(
