@@ -63,18 +63,14 @@ def check_scorable(cfg: EvaluationConfig, prompts: list[str]) -> None:
     """Something will be scored: the probe applies to the prompts, or a CLIP checkpoint is configured."""
     probe = evaluate.probe_applies(cfg.probe, prompts, key="evaluation.probe")
     if not probe and not cfg.clip.checkpoint:
-        example = next((p for p in prompts if not _is_demo_caption(p)), "")
+        from pipelines.evaluation.probe import is_demo_caption
+
+        example = next((p for p in prompts if not is_demo_caption(p)), "")
         why = "evaluation.probe is off" if cfg.probe == "off" else f"{example!r} is not a demo caption"
         raise ConfigError(f"evaluation.every: nothing to score: no attribute probe ({why}) and no "
                           "evaluation.clip.checkpoint")
     if cfg.clip.checkpoint and not storage.exists(cfg.clip.checkpoint):
         raise ConfigError(f"evaluation.clip.checkpoint: {cfg.clip.checkpoint} does not exist")
-
-
-def _is_demo_caption(text: str) -> bool:
-    from pipelines.evaluation import probe
-
-    return probe.is_demo_caption(text)
 
 
 def _companion_config(uri: str, kind: str):
