@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import manifest as manifest_lib
+from pipelines import config as config_lib
 from pipelines import netguard, storage, tracking
 from pipelines.config import ConfigError, param
 # download_task first: it sets the environment img2dataset's imports need, in the driver and in workers.
@@ -59,6 +60,9 @@ IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "o
 # Settings that do not change what is downloaded (parallelism, bookkeeping, where things go).
 VERSION_EXCLUDE = ("input", "output", "data_root", "ray", "mlflow", "threads_per_task", "cpus_per_task",
                    "max_shard_retries", "max_tasks_in_flight", "scratch_dir", "progress_interval_s")
+# Keys added after versions were already published: hashed only when set to something other than their
+# default, so that adding them did not give every existing download a new version.
+LATE_KEYS = {"max_shard_seconds": 3600.0, "allow_metadata_address": False}
 SHARD_FAILED = "shard_failed"
 REPORT = "report.json"
 
@@ -90,7 +94,12 @@ class DownloadConfig:
     timeout: float = param(10.0, gt=0)  # seconds per connect / read operation
     retries: int = param(0, ge=0)  # extra attempts per URL
     max_response_bytes: int = param(50 * 2**20, ge=1024)
-    max_response_seconds: float = param(120.0, gt=0)  # total time to read one response body
+    # Total time one URL may take (connect, headers, body, its retries and redirects); every socket read
+    # runs with the time left as its timeout, so a slow-drip server costs at most this much per URL.
+    max_response_seconds: float = param(120.0, gt=0)
+    # A shard task's deadline: once it passes, the shard's remaining URLs are not fetched and are counted
+    # as `timeout`, and the shard completes with what it has.
+    max_shard_seconds: float = param(3600.0, gt=0)
     user_agent_token: Optional[str] = None
     # Honour X-Robots-Tag opt-outs (img2dataset's default list).
     disallowed_header_directives: list[str] = dataclasses.field(
@@ -100,6 +109,9 @@ class DownloadConfig:
     allowed_networks: list[str] = dataclasses.field(default_factory=list)
     # Extra public networks to refuse (e.g. your own cloud's public ranges).
     denied_networks: list[str] = dataclasses.field(default_factory=list)
+    # The cloud metadata endpoints (169.254.169.254, fd00:ec2::254) hand out the machine's credentials:
+    # they stay refused even inside allowed_networks unless this is true as well (logged as a warning).
+    allow_metadata_address: bool = False
 
     # --- sharding and distribution ---
     shard_size: int = param(10_000, ge=1)  # input rows per shard (= per Ray task, per tar)
@@ -344,6 +356,13 @@ class DownloadPhase(Phase):
     def input_uri(self, cfg: DownloadConfig) -> str:
         return _require_input(cfg)
 
+    def version_config(self, cfg: DownloadConfig) -> dict:
+        tree = config_lib.to_dict(cfg)
+        for key, default in LATE_KEYS.items():
+            if tree.get(key) == default:
+                del tree[key]
+        return tree
+
     def input_identity(self, cfg: DownloadConfig) -> str:
         uri = self.input_uri(cfg)
         _require_dir(uri)
@@ -363,6 +382,8 @@ class DownloadPhase(Phase):
         plans = plan_shards(files, cfg.shard_size)
         storage.makedirs(out)
         settings = ShardSettings.from_config(cfg, out, columns, shard_name_digits(len(plans)))
+        for warning in settings.guard.metadata_warnings():
+            log.warning("SECURITY: %s", warning)
         ctx.state.update(columns=columns, plans=plans, settings=settings)
         log.info("download %s -> %s: %d rows in %d shards of %d", ctx.input_uri, out, sum(p.num_rows for p in plans),
                  len(plans), cfg.shard_size)

@@ -208,6 +208,7 @@ class ShardSettings:
     compute_hash: Optional[str]
     extract_exif: bool
     timeout: float
+    max_shard_seconds: float
     retries: int
     threads: int
     user_agent_token: Optional[str]
@@ -223,10 +224,11 @@ class ShardSettings:
                    encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
                    max_aspect_ratio=cfg.max_aspect_ratio, max_image_pixels=cfg.max_image_pixels,
                    compute_hash=cfg.compute_hash, extract_exif=cfg.extract_exif, timeout=cfg.timeout,
-                   retries=cfg.retries, threads=cfg.threads_per_task, user_agent_token=cfg.user_agent_token,
+                   max_shard_seconds=cfg.max_shard_seconds, retries=cfg.retries, threads=cfg.threads_per_task, user_agent_token=cfg.user_agent_token,
                    disallowed_header_directives=tuple(cfg.disallowed_header_directives),
                    guard=netguard.GuardPolicy(tuple(cfg.allowed_networks), tuple(cfg.denied_networks),
-                                              cfg.max_response_bytes, cfg.max_response_seconds),
+                                              cfg.max_response_bytes, cfg.max_response_seconds,
+                                              cfg.allow_metadata_address),
                    scratch_dir=cfg.scratch_dir)
 
 
@@ -290,7 +292,8 @@ def _remove_shard(settings: ShardSettings, name: str) -> None:
         storage.delete(uri)
 
 
-def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, settings: ShardSettings) -> str:
+def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, settings: ShardSettings,
+                            shard_deadline: Optional[float] = None) -> str:
     """Run img2dataset's downloader (+ our SafeResizer in front of its Resizer, its webdataset
     writer) on one shard, in this process, with the guarded urllib opener installed. Returns
     img2dataset's output folder."""
@@ -330,7 +333,7 @@ def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, setti
         retries=settings.retries, user_agent_token=settings.user_agent_token,
         disallowed_header_directives=list(settings.disallowed_header_directives) or None)
     previous_opener = urllib.request._opener  # restored so the worker process is left as found
-    urllib.request.install_opener(settings.guard.opener())
+    urllib.request.install_opener(settings.guard.opener(shard_deadline))
     try:
         downloader.download_shard((shard_id, shard_file))
     finally:
@@ -345,6 +348,8 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
         return {**existing, "resumed": True}
     _remove_shard(settings, plan.name)  # leftovers of an interrupted attempt
     started = time.time()
+    # Past this instant no request starts and no read waits: the shard's late URLs end as `timeout`.
+    shard_deadline = time.monotonic() + settings.max_shard_seconds
     read_columns = ["URL", "TEXT", *settings.columns]
     table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
     if table.num_rows != plan.num_rows:
@@ -355,7 +360,7 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
         raise DownloadInputError(f"shard {plan.name} (input {first_file}...): column 'uid' has null or duplicate values; "
                          f"the filter phase guarantees unique uids")
     with tempfile.TemporaryDirectory(prefix=f"wurst-download-{plan.name}-", dir=settings.scratch_dir) as work:
-        out_dir = _fetch_with_img2dataset(table, work, plan.shard_id, settings)
+        out_dir = _fetch_with_img2dataset(table, work, plan.shard_id, settings, shard_deadline)
         local = {"tar": os.path.join(out_dir, f"{plan.name}.tar"),
                  "parquet": os.path.join(out_dir, f"{plan.name}.parquet"),
                  "stats": os.path.join(out_dir, f"{plan.name}_stats.json")}

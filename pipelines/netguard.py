@@ -13,7 +13,14 @@ parts:
   Redirects go through the same opener, so every hop is checked. Only http/https are handled
   (no file://, ftp://, data:), environment proxies are ignored (through a proxy the address
   connected to would be the proxy's, so the guard could not see the real target), and responses
-  are capped in size and total read time.
+  are capped in size and in time: every socket read of a response (headers included) runs with the
+  socket timeout set to the time left, so a server that drips one byte per second cannot hold a
+  download past `max_response_seconds` per URL (its retries and redirects included), nor past the
+  shard's deadline when the opener has one.
+
+The cloud metadata endpoints (169.254.169.254, fd00:ec2::254) stay refused even when
+`allowed_networks` covers them (`["0.0.0.0/0"]` would otherwise open them silently): they need
+`allow_metadata_address=True` as well, which the download phase announces with a loud warning.
 
 Blocked connections raise `BlockedAddressError` whose message starts with `blocked_address`, which
 is how the download phase counts them.
@@ -26,11 +33,16 @@ import functools
 import http.client
 import ipaddress
 import re
+import io
+import logging
 import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
 from typing import Iterable, Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -52,7 +64,8 @@ class ResponseTooLargeError(OSError):
 
 
 class DownloadDeadlineError(TimeoutError):
-    """Reading a response body took longer than the configured total time (message says `timed out`)."""
+    """A URL's response (connect, headers, body; retries and redirects included) took longer than the
+    configured total time, or the shard's deadline passed (message starts with `timed out`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +204,8 @@ class GuardPolicy:
     denied_networks: tuple[str, ...] = ()
     max_response_bytes: int = 50 * 2**20
     max_response_seconds: float = 120.0
+    # The metadata endpoints hand out cloud credentials: allowed_networks alone never opens them.
+    allow_metadata_address: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
@@ -200,7 +215,20 @@ class GuardPolicy:
 
     def __reduce__(self):
         return (GuardPolicy, (self.allowed_networks, self.denied_networks, self.max_response_bytes,
-                              self.max_response_seconds))
+                              self.max_response_seconds, self.allow_metadata_address))
+
+    def metadata_warnings(self) -> list[str]:
+        """What the operator must hear about the metadata endpoints under this policy (empty: nothing)."""
+        covered = sorted(str(ip) for ip in _METADATA_ADDRESSES
+                         if any(ip.version == net.version and ip in net for net in self._allowed))
+        if self.allow_metadata_address:
+            return [f"allow_metadata_address is true: downloads may reach the cloud metadata endpoint(s) "
+                    f"{covered or '(none: allowed_networks does not cover them)'}, which hand out this "
+                    f"machine's cloud credentials to whoever controls a URL in the input"]
+        if covered:
+            return [f"allowed_networks {list(self.allowed_networks)} covers the cloud metadata address(es) "
+                    f"{covered}; they stay blocked (set allow_metadata_address: true to open them)"]
+        return []
 
     def check_ip(self, ip: IPAddress | str) -> Verdict:
         """Decide for one numeric address (as a resolver returned it)."""
@@ -213,6 +241,9 @@ class GuardPolicy:
         candidates = {ip, target}
         if any(c.version == net.version and c in net for c in candidates for net in self._denied):
             return Verdict(True, f"{BLOCKED_REASON}: {shown} is in denied_networks", (str(ip),))
+        if candidates & _METADATA_ADDRESSES and not self.allow_metadata_address:
+            return Verdict(True, f"{BLOCKED_REASON}: {shown} is the cloud metadata endpoint (opened only by "
+                                 f"allow_metadata_address, never by allowed_networks)", (str(ip),))
         if any(c.version == net.version and c in net for c in candidates for net in self._allowed):
             return Verdict(False, f"{shown} is in allowed_networks", (str(ip),))
         # An IPv4-mapped / NAT64 / 6to4 address is judged by the IPv4 host it actually reaches.
@@ -273,13 +304,15 @@ class GuardPolicy:
             raise last_error
         raise BlockedAddressError(f"{BLOCKED_REASON}: refusing to connect to {host}: " + "; ".join(refusals))
 
-    def opener(self) -> urllib.request.OpenerDirector:
-        """A urllib opener for http/https only, every connection (redirects included) guarded."""
-        director = urllib.request.OpenerDirector()
+    def opener(self, shard_deadline: Optional[float] = None) -> urllib.request.OpenerDirector:
+        """A urllib opener for http/https only, every connection (redirects included) guarded, each URL
+        bounded by `max_response_seconds` and, when given, by `shard_deadline` (a `time.monotonic()`
+        instant after which no request starts or reads any more)."""
+        director = _DeadlineOpener(self.max_response_seconds, shard_deadline)
         for handler in (urllib.request.ProxyHandler({}),  # no proxies: see module docstring
                         urllib.request.UnknownHandler(),
-                        _GuardedHTTPHandler(self),
-                        _GuardedHTTPSHandler(self),
+                        _GuardedHTTPHandler(self, director.current_deadline),
+                        _GuardedHTTPSHandler(self, director.current_deadline),
                         urllib.request.HTTPDefaultErrorHandler(),
                         urllib.request.HTTPRedirectHandler(),
                         urllib.request.HTTPErrorProcessor()):
@@ -292,32 +325,96 @@ def _sockaddr_ip(sockaddr) -> IPAddress:
 
 
 def is_blocked(ip_or_host_address: str, allowed_networks: Sequence[str] = (),
-               denied_networks: Sequence[str] = ()) -> Verdict:
+               denied_networks: Sequence[str] = (), allow_metadata_address: bool = False) -> Verdict:
     """Pure decision for one URL / address / host name; truthy Verdict = refused (see GuardPolicy.check)."""
-    return GuardPolicy(tuple(allowed_networks), tuple(denied_networks)).check(ip_or_host_address)
+    return GuardPolicy(tuple(allowed_networks), tuple(denied_networks),
+                       allow_metadata_address=allow_metadata_address).check(ip_or_host_address)
 
 
 # --------------------------------------------------------------------------------------------
 # http.client / urllib plumbing
 
 
-class _LimitedHTTPResponse(http.client.HTTPResponse):
-    """Caps the body size and the total time spent reading it (a slow-drip server otherwise holds
-    a download thread as long as it sends a byte per socket timeout)."""
+class _DeadlineOpener(urllib.request.OpenerDirector):
+    """Gives each URL one deadline, `max_seconds` from its first request, that its connections and reads
+    all share: a retry of the same URL by the same thread (img2dataset retries in place) and the redirects
+    it follows get what is left of it, not a fresh one. The shard's deadline, when set, caps them all."""
 
-    def __init__(self, sock, *args, max_bytes: int, max_seconds: float, **kwargs):
-        super().__init__(sock, *args, **kwargs)
-        self._max_bytes = max_bytes
-        self._deadline = time.monotonic() + max_seconds
+    def __init__(self, max_seconds: float, shard_deadline: Optional[float]):
+        super().__init__()
         self._max_seconds = max_seconds
+        self._shard_deadline = shard_deadline
+        self._local = threading.local()
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth == 0:  # a redirect re-enters open() from inside the first call: same URL budget
+            url = fullurl.full_url if isinstance(fullurl, urllib.request.Request) else str(fullurl)
+            if getattr(local, "url", None) != url:
+                local.url, local.deadline = url, time.monotonic() + self._max_seconds
+        local.depth = depth + 1
+        try:
+            return super().open(fullurl, data, timeout)
+        finally:
+            local.depth = depth
+
+    def current_deadline(self) -> tuple[float, str]:
+        """(the monotonic deadline of this thread's current URL, the message when it passes)."""
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:  # a connection opened outside open(): give it its own budget
+            deadline = time.monotonic() + self._max_seconds
+        why = f"no complete response within max_response_seconds={self._max_seconds:g} s"
+        if self._shard_deadline is not None and self._shard_deadline < deadline:
+            return self._shard_deadline, "the shard's max_shard_seconds had passed"
+        return deadline, why
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under an HTTP response: every read runs with the socket timeout set to the time
+    left before the deadline (and never longer than the per-read timeout the caller chose), so a
+    BufferedReader's loop of small reads (a header line, a 1 MiB body read) cannot outlast it."""
+
+    def __init__(self, raw, sock, deadline: float, why: str):
+        super().__init__()
+        self._raw, self._sock, self._deadline, self._why = raw, sock, deadline, why
+        self._per_read = sock.gettimeout()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> Optional[int]:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise DownloadDeadlineError(f"timed out: {self._why}")
+        self._sock.settimeout(left if self._per_read is None else min(self._per_read, left))
+        try:
+            return self._raw.readinto(buffer)
+        except socket.timeout:
+            if time.monotonic() >= self._deadline:
+                raise DownloadDeadlineError(f"timed out: {self._why}") from None
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()  # the SocketIO: releases its reference on the socket
+        super().close()
+
+
+class _LimitedHTTPResponse(http.client.HTTPResponse):
+    """Caps the body size, and bounds every read (status line, headers, body) by the URL's deadline."""
+
+    def __init__(self, sock, *args, max_bytes: int, deadline: float, why: str, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # Re-wrap the SocketIO that HTTPResponse made: detach() hands it over without closing it.
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, why))
+        self._max_bytes = max_bytes
         self._received = 0
 
     def _account(self, n: int) -> None:
         self._received += n
         if self._received > self._max_bytes:
             raise ResponseTooLargeError(f"{TOO_LARGE_REASON}: body exceeds {self._max_bytes} bytes")
-        if time.monotonic() > self._deadline:
-            raise DownloadDeadlineError(f"timed out: body not received within {self._max_seconds:g} s")
 
     def read(self, amt=None):
         if amt is not None:
@@ -329,46 +426,61 @@ class _LimitedHTTPResponse(http.client.HTTPResponse):
                 f"{TOO_LARGE_REASON}: Content-Length {self.length} exceeds {self._max_bytes} bytes")
         chunks = []
         while True:
-            chunk = super().read(1 << 20)
+            chunk = super().read(1 << 16)
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
             self._account(len(chunk))
 
 
-def _guard_connection(conn: http.client.HTTPConnection, policy: GuardPolicy) -> None:
-    # HTTPConnection.connect() (and HTTPSConnection.connect(), before wrapping TLS) opens its socket
-    # through self._create_connection; replacing it is the documented-by-source hook.
-    conn._create_connection = policy.create_connection
-    conn.response_class = functools.partial(_LimitedHTTPResponse, max_bytes=policy.max_response_bytes,
-                                            max_seconds=policy.max_response_seconds)
+class _DeadlineConnectionMixin:
+    """Connects through the guard, with the connect timeout cut to the time the URL has left, and binds
+    the URL's deadline to the response it will read."""
+
+    def _setup_guard(self, policy: GuardPolicy, deadline_source) -> None:
+        # HTTPConnection.connect() (and HTTPSConnection.connect(), before wrapping TLS) opens its socket
+        # through self._create_connection; replacing it is the documented-by-source hook.
+        self._create_connection = policy.create_connection
+        self._policy = policy
+        self._deadline_source = deadline_source
+
+    def connect(self):
+        deadline, why = self._deadline_source()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DownloadDeadlineError(f"timed out: {why}")
+        if not isinstance(self.timeout, (int, float)) or self.timeout > left:
+            self.timeout = left
+        self.response_class = functools.partial(_LimitedHTTPResponse, max_bytes=self._policy.max_response_bytes,
+                                                deadline=deadline, why=why)
+        super().connect()
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, policy: GuardPolicy, **kwargs):
+class _GuardedHTTPConnection(_DeadlineConnectionMixin, http.client.HTTPConnection):
+    def __init__(self, *args, policy: GuardPolicy, deadline_source, **kwargs):
         super().__init__(*args, **kwargs)
-        _guard_connection(self, policy)
+        self._setup_guard(policy, deadline_source)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, policy: GuardPolicy, **kwargs):
+class _GuardedHTTPSConnection(_DeadlineConnectionMixin, http.client.HTTPSConnection):
+    def __init__(self, *args, policy: GuardPolicy, deadline_source, **kwargs):
         super().__init__(*args, **kwargs)
-        _guard_connection(self, policy)
+        self._setup_guard(policy, deadline_source)
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: GuardPolicy):
+    def __init__(self, policy: GuardPolicy, deadline_source):
         super().__init__()
-        self._connection = functools.partial(_GuardedHTTPConnection, policy=policy)
+        self._connection = functools.partial(_GuardedHTTPConnection, policy=policy, deadline_source=deadline_source)
 
     def http_open(self, req):
         return self.do_open(self._connection, req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: GuardPolicy):
+    def __init__(self, policy: GuardPolicy, deadline_source):
         super().__init__()
-        self._connection = functools.partial(_GuardedHTTPSConnection, policy=policy)
+        self._connection = functools.partial(_GuardedHTTPSConnection, policy=policy, deadline_source=deadline_source)
 
     def https_open(self, req):
         kwargs = {"context": self._context}
