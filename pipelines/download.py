@@ -292,12 +292,15 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
     """Counts over all shards; input rows = succeeded + sum(failures) is enforced here."""
     failures: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
+    repaired: dict[str, int] = {}
     succeeded = 0
     fetched_now = 0
     for summary in done.values():
         succeeded += summary["succeeded"]
         for reason, n in summary["failures"].items():
             failures[reason] = failures.get(reason, 0) + n
+        for what, n in summary.get("repaired", {}).items():  # still samples; counted, not failures
+            repaired[what] = repaired.get(what, 0) + n
         for reason, messages in summary.get("failure_examples", {}).items():
             kept = examples.setdefault(reason, [])
             kept.extend(messages[:max(0, 3 - len(kept))])
@@ -317,6 +320,7 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
         "success_rate": round(succeeded / input_rows, 6) if input_rows else 0.0,
         "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failure_examples": {k: examples[k] for k in sorted(examples)},
+        "repaired": dict(sorted(repaired.items())),
         "shards": {"total": len(plans), "completed": len(done),
                    "resumed": sum(1 for s in done.values() if s.get("resumed")), "failed": len(failed),
                    "failed_shards": dict(sorted(failed.items()))},
@@ -329,6 +333,7 @@ def _metrics(report: dict) -> dict[str, float]:
     metrics = {k: float(report[k]) for k in ("input_rows", "succeeded", "failed", "success_rate", "duration_s")}
     metrics.update({f"shards_{k}": float(v) for k, v in report["shards"].items() if k != "failed_shards"})
     metrics.update({f"failures.{reason}": float(n) for reason, n in report["failures"].items()})
+    metrics.update({f"repaired.{what}": float(n) for what, n in report.get("repaired", {}).items()})
     if report.get("rows_per_second") is not None:
         metrics["rows_per_second"] = float(report["rows_per_second"])
     return metrics

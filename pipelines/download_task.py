@@ -276,6 +276,43 @@ def summarize_results(results: pa.Table, input_uids: pa.Array) -> tuple[int, dic
     return succeeded, failures, examples
 
 
+INVALID_UTF8 = "invalid_utf8"
+
+
+def repair_utf8(table: pa.Table, shard: str) -> tuple[pa.Table, dict[str, int]]:
+    """The table with every string that is not valid UTF-8 decoded with U+FFFD for the bad bytes, and how
+    many values were repaired per column (`invalid_utf8.<column>`). Parquet does not validate UTF-8, and one
+    bad caption would otherwise fail img2dataset's whole shard when it converts the column to Python."""
+    repaired: dict[str, int] = {}
+    for index, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(index)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        if field.name == "uid":
+            raise DownloadInputError(f"shard {shard}: column 'uid' holds bytes that are not UTF-8; "
+                                     f"the filter phase writes hex uids")
+        raw = column.cast(pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary(),
+                          safe=False).to_pylist()
+        fixed, n = [], 0
+        for value in raw:
+            if value is None:
+                fixed.append(None)
+                continue
+            text = value.decode("utf-8", errors="replace")
+            n += text.encode("utf-8") != value
+            fixed.append(text)
+        table = table.set_column(index, field, pa.array(fixed, field.type))
+        repaired[f"{INVALID_UTF8}.{field.name}"] = n
+        log.warning("shard %s: %d value(s) of column %r were not valid UTF-8; repaired with U+FFFD",
+                    shard, n, field.name)
+    return table, repaired
+
+
 def _publish(local_path: str, dest_uri: str) -> None:
     """Move a finished scratch file to its place in the output (a rename when both are on one
     local filesystem, a streamed copy otherwise, e.g. to an object store)."""
@@ -354,6 +391,7 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
     table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
     if table.num_rows != plan.num_rows:
         raise RuntimeError(f"shard {plan.name}: read {table.num_rows} input rows, planned {plan.num_rows}")
+    table, repaired = repair_utf8(table, plan.name)
     uids = table.column("uid").combine_chunks()
     if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
         first_file = plan.slices[0][0]
@@ -379,6 +417,7 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
             stats = json.load(f)
         summary = {"shard": plan.name, "input_rows": plan.num_rows, "succeeded": succeeded,
                    "failures": dict(sorted(failures.items())), "failure_examples": examples,
+                   "repaired": repaired,
                    "tar_bytes": os.path.getsize(local["tar"]), "attempt": attempt,
                    "duration_s": round(time.time() - started, 3)}
         stats[STATS_SECTION] = summary

@@ -109,9 +109,9 @@ def write_input(root: str, urls: list[str], captions=None) -> str:
     return root
 
 
-def run_shard(tmp_path, urls: list[str], captions=None, **overrides) -> dict:
+def run_shard(tmp_path, urls: list[str], input_dir=None, **overrides) -> dict:
     """One shard through the real img2dataset downloader and our guard, in this process (no Ray)."""
-    input_dir = write_input(str(tmp_path / "filtered"), urls, captions)
+    input_dir = input_dir or write_input(str(tmp_path / "filtered"), urls)
     settings = {"image_size": 32, "min_image_size": 16, "timeout": PER_READ_TIMEOUT_S, "retries": 0,
                 "threads_per_task": 4, "allowed_networks": ["127.0.0.1/32"], "input": input_dir,
                 "output": str(tmp_path / "images"), **overrides}
@@ -194,3 +194,26 @@ def test_new_download_keys_at_their_defaults_keep_existing_versions(tmp_path):
         "download", legacy, input_id, exclude=download.VERSION_EXCLUDE)
     changed = config_lib.from_dict(download.DownloadConfig, {"input": input_dir, "allow_metadata_address": True})
     assert download.PHASE.version(changed, input_id) != download.PHASE.version(cfg, input_id)
+
+
+@pytest.mark.timeout(120)
+def test_a_caption_that_is_not_utf8_is_repaired_and_counted_not_failing_its_shard(tmp_path, server):
+    urls = [server.url("/good/30"), server.url("/good/31"), server.url("/good/32")]
+    input_dir = write_input(str(tmp_path / "filtered"), urls)
+    part = os.path.join(input_dir, "part-00000.parquet")
+    table = pq.read_table(part)
+    # Parquet does not validate UTF-8: a string column can hold any bytes (a view skips Arrow's check too).
+    raw = pa.array([b"fine", b"caf\xe9 au lait \xff", b"also fine"], pa.binary()).view(pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("TEXT"), "TEXT", raw), part)
+    summary = run_shard(tmp_path, urls, input_dir=input_dir)
+    assert summary["succeeded"] == 3 and summary["failures"] == {}
+    assert summary["repaired"] == {"invalid_utf8.TEXT": 1}
+    out = str(tmp_path / "images" / "v")
+    with tarfile.open(os.path.join(out, "00000.tar")) as tar:
+        captions = sorted(tar.extractfile(m).read().decode("utf-8") for m in tar.getmembers()
+                          if m.name.endswith(".txt"))
+    assert captions == ["also fine", "caf\ufffd au lait \ufffd", "fine"]
+    report = download.build_report(download.plan_shards(download.scan_input(input_dir)[0], 3),
+                                   {"00000": summary}, {}, version="v", input_uri=input_dir, output_uri=out,
+                                   duration_s=1.0)
+    assert report["repaired"] == {"invalid_utf8.TEXT": 1} and report["succeeded"] == 3
