@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, ClassVar, Optional
 
 from pipelines import config as config_lib
+from pipelines import locks
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError
@@ -49,7 +50,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def _input_errors() -> tuple[type[BaseException], ...]:
     """InputError, a missing file, and a malformed stages checkpoint (stages stays free of pipelines,
     so its CheckpointError is not an InputError; it can only have been raised if stages.checkpoint is loaded)."""
-    errors: tuple[type[BaseException], ...] = (InputError, FileNotFoundError)
+    errors: tuple[type[BaseException], ...] = (InputError, FileNotFoundError, locks.PhaseLockedError)
     checkpoint = sys.modules.get("stages.checkpoint")
     return errors + ((checkpoint.CheckpointError,) if checkpoint is not None else ())
 
@@ -192,6 +193,11 @@ class Phase:
         return storage.normalize(cfg.output) if getattr(cfg, "output", None) else \
             storage.join(cfg.data_root, self.output_subdir)
 
+    def lock_uri(self, cfg, version: str) -> str:
+        """The lock of one output version: next to it (`<output root>/<version>.lock`), not inside it, so
+        that deleting a partial output never deletes its lock."""
+        return storage.join(self.output_root(cfg), f"{version}.lock")
+
     def output_dir(self, cfg, input_id: Optional[str] = None) -> str:
         """`<output root>/<version>`: where this config writes for its input (computed, nothing run)."""
         return storage.join(self.output_root(cfg), self.version(cfg, input_id))
@@ -250,6 +256,14 @@ class Phase:
         if self.is_complete(cfg, output):
             log.info("%s: %s is complete (manifest.json present): nothing to do", self.name, output)
             return self.existing(cfg, output)
+        # Before anything is prepared or cleaned: a second run of this output fails here, naming the first.
+        with locks.acquire(self.lock_uri(cfg, version), self.name, version):
+            if self.is_complete(cfg, output):  # finished by the run that held the lock a moment ago
+                return self.existing(cfg, output)
+            return self._run_locked(cfg, input_uri, input_id, version, output)
+
+    def _run_locked(self, cfg, input_uri: Optional[str], input_id: Optional[str], version: str,
+                    output: str) -> PhaseResult:
         ctx = Context(cfg=cfg, output=output, version=version, input_uri=input_uri, input_id=input_id)
         if self.uses_ray:
             from pipelines.runtime import init_ray
