@@ -2,7 +2,8 @@
 
 `up` starts a Ray head with token authentication, dashboard + job server on 127.0.0.1, free ports
 and its own temp dir, plus N worker nodes (separate raylets) so multi-node behaviour can be tested
-on one machine; optionally `mlflow server` on 127.0.0.1 with a SQLite store. Every process is
+on one machine; optionally `mlflow server` on 127.0.0.1 (SQLite or PostgreSQL store, basic auth on:
+see cluster/mlflow_server.py). Every process is
 started with `--block` in its own session, so `down` can stop exactly the process groups `up`
 started (by pid) and nothing else: never `ray stop`, which kills every Ray on the machine.
 
@@ -28,6 +29,8 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from cluster import mlflow_server as mlflow_server_lib
+
 DEFAULT_STATE_DIR = os.path.expanduser(os.environ.get("WURST_CLUSTER_DIR", "~/.cache/wurst/cluster"))
 LOOPBACK = "127.0.0.1"
 
@@ -51,7 +54,9 @@ class ClusterState:
     data_root: str
     processes: list[Process]
     mlflow_url: Optional[str] = None
-    mlflow_store: Optional[str] = None
+    mlflow_store: Optional[str] = None  # password-free form
+    mlflow_username: Optional[str] = None  # set when the server has basic auth on
+    mlflow_password_path: Optional[str] = None  # 0600 file: the password is never in the state file
 
     @property
     def env(self) -> dict[str, str]:
@@ -64,6 +69,8 @@ class ClusterState:
         }
         if self.mlflow_url:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_url
+        if self.mlflow_username:
+            env["MLFLOW_TRACKING_USERNAME"] = self.mlflow_username
         return env
 
     def save(self) -> None:
@@ -105,6 +112,14 @@ def _ray_binary() -> str:
     return candidate if os.path.exists(candidate) else shutil.which("ray") or "ray"
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def _node_port_args(head: bool) -> list[str]:
     # Every port explicit and free: two clusters on one machine otherwise collide (6379, 8265, 52365).
     p = free_ports(7)
@@ -113,8 +128,10 @@ def _node_port_args(head: bool) -> list[str]:
         "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
         "--runtime-env-agent-port", str(p[4]), "--metrics-export-port", str(p[5]),
     ]
-    # Worker ports: a random 200-port window; Ray probes and skips busy ones.
-    base = 20000 + secrets.randbelow(30000)
+    # Worker ports: a random 200-port window; Ray probes and skips busy ones. It lies below the kernel's
+    # ephemeral range, where free_ports() draws the ports above: Ray refuses to start when the window
+    # holds one of them (seen: "worker_ports is trying to use a port number ... used by other components").
+    base = 10000 + secrets.randbelow(max(1, _ephemeral_low() - 200 - 10000))
     args += ["--min-worker-port", str(base), "--max-worker-port", str(base + 199)]
     if head:
         args += ["--ray-client-server-port", str(p[6])]
@@ -178,7 +195,8 @@ def up(*, attempts: int = 3, **kwargs) -> ClusterState:
 
 
 def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = DEFAULT_STATE_DIR,
-       data_root: str | None = None, cpus_per_node: int | None = None, timeout: float = 180.0) -> ClusterState:
+       data_root: str | None = None, cpus_per_node: int | None = None, timeout: float = 180.0,
+       mlflow_options: "mlflow_server_lib.MlflowServerOptions | None" = None) -> ClusterState:
     state_dir = os.path.abspath(state_dir)
     if os.path.exists(state_file(state_dir)):
         existing = ClusterState.load(state_dir)
@@ -210,19 +228,18 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wurst/torch_extensions"))
 
     if mlflow_server:
-        store = os.path.join(data_root, "mlflow.db")
-        artifacts = os.path.join(data_root, "mlartifacts")
-        os.makedirs(artifacts, exist_ok=True)
-        cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
-               "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", artifacts,
-               "--host", LOOPBACK, "--port", str(mlflow_port), "--workers", "1"]
+        server = mlflow_server_lib.plan(mlflow_options or mlflow_server_lib.MlflowServerOptions(),
+                                        state_dir=state_dir, data_root=data_root, host=LOOPBACK, port=mlflow_port)
         log = os.path.join(state_dir, "mlflow.log")
-        proc = _spawn(cmd, log, env)
+        proc = _spawn(server.cmd, log, dict(env, **server.server_env))
         state.processes.append(Process("mlflow", proc.pid, log))
         state.mlflow_url = f"http://{LOOPBACK}:{mlflow_port}"
-        state.mlflow_store = f"sqlite:///{store}"
-        # Jobs started by this cluster log to the server.
+        state.mlflow_store = server.store_display
+        state.mlflow_username, state.mlflow_password_path = server.username, server.password_path
+        # Jobs (and every Ray worker, on every node) inherit the nodes' environment: they log to the server
+        # with its credentials, which thus appear on no command line and in no job's runtime env.
         env["MLFLOW_TRACKING_URI"] = state.mlflow_url
+        env.update(server.client_env)
 
     cpu_args = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
     # Multi-node needs Ray's "cluster" switch on (a caller may have it off for a loopback-only embedded
