@@ -164,11 +164,26 @@ def save(module: nn.Module, directory: str | os.PathLike) -> Path:
     return save_state(kind, config, module.state_dict(), directory)
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``CheckpointError`` when a floating tensor of ``state`` holds a NaN or inf, naming it: weights
+    like that are the remains of a diverged run, and a module built from them only produces NaN."""
+    bad = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            bad.append((key, int((~torch.isfinite(tensor)).sum())))
+    if bad:
+        key, count = bad[0]
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensors hold non-finite values (NaN or inf), e.g. {key} ({count} of "
+            f"{state[key].numel()} values); refusing weights from a diverged run")
+
+
 def save_state(kind: str, config: Any, state: dict[str, torch.Tensor], directory: str | os.PathLike) -> Path:
     """Write a checkpoint directory from a config and a state dict (used by ``save`` and the
-    converter, which never needs to instantiate the model)."""
+    converter, which never needs to instantiate the model). Non-finite weights are refused."""
     model_classes(kind)
     directory = Path(directory)
+    check_finite(state, f"{kind} weights for {directory}")
     write_safetensors(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "kind": kind})
     _write_config(kind, config, directory)
     return directory
@@ -310,6 +325,7 @@ def load(
     from safetensors.torch import load_file
 
     state = load_file(str(weights), device=str(torch.device(device)))
+    check_finite(state, str(weights))
     return build_with_state(model_cls, config, state, str(weights), device=device, dtype=dtype)
 
 
@@ -377,6 +393,7 @@ __all__ = [
     "save_config",
     "save_state",
     "check_state_dict",
+    "check_finite",
     "load",
     "read_config",
     "kind_of",

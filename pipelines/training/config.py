@@ -33,7 +33,8 @@ VERSION_EXCLUDES = (
     "metrics", "fault",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.export_every", "train.max_failures", "train.use_gpu", "train.cpus_per_worker",
-    "train.allow_config_change", "train.audit_collectives", "train.overlap_comm", "train.bucket_size",
+    "train.allow_config_change", "train.max_nonfinite_steps", "train.audit_collectives", "train.overlap_comm",
+    "train.bucket_size",
     "data.loader_workers", "data.trace", "data.allow_latent_ratio_mismatch",
 )
 
@@ -147,6 +148,9 @@ class LoopConfig:
     # Consolidated (EMA) export every N steps (and always at the end); 0: only at the end.
     export_every: int = param(5000, ge=0)
     max_failures: int = param(3, ge=0)
+    # Steps whose loss or gradients are not finite are skipped (DeepSpeed discards the update) and counted;
+    # the run stops with an error at the next one beyond this many.
+    max_nonfinite_steps: int = param(10, ge=0)
     # Resume even if settings that change the weights differ from the run's first start.
     allow_config_change: bool = False
 

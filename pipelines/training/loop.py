@@ -8,7 +8,9 @@ one log line saying why, when the input has no validation split), saves a checkp
 asynchronously; `LocalSession`: one process, no Ray), resumes from the latest one, writes the (EMA)
 export every `export_every` steps and at the end (rank 0 logs it to MLflow as artifacts, and registers it
 with `mlflow.register_model`), draws sample grids, runs the periodic evaluation (`evaluation.every`), records
-the data trace and runs the fault drill.
+the data trace and runs the fault drill. A step whose loss or gradients are not finite is skipped (DeepSpeed
+discards its update), counted and left out of the EMA and the metrics; past `train.max_nonfinite_steps` the run
+stops, and weights are checked finite before every checkpoint and export (`pipelines.training.nonfinite`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipelines import config as config_lib
 from pipelines import export_layout, storage, tracking
 from pipelines.config import ConfigError
 from pipelines.phase import setup_logging
-from pipelines.training import checkpoint, collectives
+from pipelines.training import checkpoint, collectives, nonfinite
 from pipelines.training.config import (COLLECTIVES_DIR, EXPORT_DIR, METRICS_FILE, SAMPLES_DIR, TRACE_DIR, RunPlan,
                                        TrainConfig)
 from pipelines.training.ema import ShardedEma
@@ -73,9 +75,11 @@ class WorkerLoop:
                                         num_samples=plan.num_samples, device=self.device, start_step=self.start_step)
         self.validation_off = "validation.every is 0" if not cfg.validation.every else \
             self.runner.validation_unavailable()
+        self.nonfinite = nonfinite.NonFiniteSteps(cfg.train.max_nonfinite_steps)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict) -> None:
+        nonfinite.require_finite_weights(self.engine, self.device, "checkpoint", self.step)
         directory = self.session.new_checkpoint_dir()
         state = None
         if self.rank == 0:
@@ -100,10 +104,11 @@ class WorkerLoop:
 
     # ---------------------------------------------------------------- consolidated weights
     def full_weights(self) -> Optional[dict]:
-        """Full fp32 (EMA if enabled) weights on rank 0; collective."""
-        if self.ema is not None:
-            return self.ema.full_state_dict()
-        return full_fp32_state_dict(self.engine)
+        """Full fp32 (EMA if enabled) weights on rank 0, checked finite on every rank; collective."""
+        state = self.ema.full_state_dict() if self.ema is not None else full_fp32_state_dict(self.engine)
+        nonfinite.require_finite_weights(self.engine, self.device, "export / sample grid / evaluation", self.step,
+                                         state)
+        return state
 
     def export(self, state: Optional[dict]) -> None:
         """`export/<step>/`, then `export/latest.json` names it; to MLflow as artifacts `export/<step>/`."""
@@ -190,7 +195,7 @@ class WorkerLoop:
 
     def _log(self, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         """Average the interval's metrics over steps and ranks; rank 0 writes them (and `extra`) to MLflow."""
-        out = {**self.interval.reduce(self.step), **(extra or {})}
+        out = {**self.interval.reduce(self.step), "nonfinite_steps": float(self.nonfinite.skipped), **(extra or {})}
         self._write_metrics(out)
         return out
 
@@ -273,7 +278,11 @@ class WorkerLoop:
                 micro = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
                 metrics = self.runner.train_step(self.step + 1, micro)
                 self.step += 1
-                if self.ema is not None:
+                # The same on every rank (DeepSpeed's all-reduced overflow check): all skip, count and stop alike.
+                skipped = not self.engine.was_step_applied()
+                if skipped:
+                    self.nonfinite.skip(self.step, metrics, [i for m in micro for i in self.runner.sample_ids(m)])
+                elif self.ema is not None:
                     self.ema.update(self.step)
                 if cfg.data.trace:
                     ids = [i for m in micro for i in self.runner.sample_ids(m)]
@@ -281,7 +290,8 @@ class WorkerLoop:
                 log_due = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
                 if log_due and self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the interval's time includes its queued GPU work
-                self.interval.add(metrics, time.perf_counter() - started)
+                if not skipped:  # a skipped step's NaN would poison the interval's means
+                    self.interval.add(metrics, time.perf_counter() - started)
                 # After the interval's clock: evaluation time is not step time. Logged with the step's metrics.
                 validation_due = not self.validation_off and (
                     self.step % cfg.validation.every == 0 or self.step == cfg.train.max_steps)
