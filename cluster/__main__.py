@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="print the cluster's addresses and liveness")
     sub.add_parser("env", help="print shell exports for clients (ray job submit, MLflow)")
     sub.add_parser("down", help="stop exactly the processes `up` started")
+    p_render = sub.add_parser("render", help="write the deployment files under cluster/ from cluster/deploy.yaml")
+    p_render.add_argument("--values", default=None, help="the values file (default: cluster/deploy.yaml)")
+    p_render.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  eval \"$(python -m cluster --state-dir {shlex.quote(state.state_dir)} env)\"")
         print("  ray job submit --runtime-env ray_job.yaml -- python -m pipelines.doctor")
         return 0
+    if args.command == "render":
+        from cluster import deploy
+
+        return deploy.main((["--values", args.values] if args.values else []) + (["--check"] if args.check else []))
     if args.command == "status":
         info = local.status(state_dir=args.state_dir)
         print(json.dumps(info, indent=2))
