@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import urllib.parse
 from typing import Any, Iterator, Optional
 
 from pipelines import config as config_lib
@@ -32,6 +33,11 @@ class MlflowConfig:
 
 def tracking_uri_for(data_root: str, configured: str | None = None) -> str:
     if configured:
+        if urllib.parse.urlsplit(configured).password is not None:
+            # The config is logged as params and saved in manifests: credentials come from the environment.
+            raise config_lib.ConfigError(
+                "mlflow.tracking_uri: holds a password (user:password@host); set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or PGPASSWORD for a database URI) in the environment instead")
         return configured
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:

@@ -20,6 +20,7 @@ import pytest
 
 from cluster import mlflow_server
 from conftest import REPO_ROOT, LocalRayCluster
+from pipelines.config import ConfigError
 
 PYTHON = sys.executable
 
@@ -81,6 +82,15 @@ def test_secrets_stay_off_the_command_line_and_in_private_files(tmp_path, monkey
     off = mlflow_server.plan(mlflow_server.MlflowServerOptions(auth=False), state_dir=str(state),
                              data_root=str(tmp_path), host="127.0.0.1", port=1)
     assert "--app-name" not in off.cmd and off.client_env == {}
+
+
+def test_a_phase_refuses_a_tracking_uri_with_a_password():
+    """Phases log their config as params: a password in mlflow.tracking_uri would land there."""
+    from pipelines import tracking
+
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri: holds a password"):
+        tracking.tracking_uri_for("/tmp", "https://bob:hunter2@mlflow.example.com")
+    assert tracking.tracking_uri_for("/tmp", "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 # ---------------------------------------------------------------- the real thing
