@@ -30,6 +30,17 @@ T = TypeVar("T")
 SECRET_KEY_PATTERN = re.compile(r"password|passwd|token|secret|credential|access_key|api_key|private_key", re.I)
 REDACTED = "***REDACTED***"
 
+# Credentials inside values: the userinfo of a URI (`postgresql://mlflow:PASSWORD@host/db`,
+# `s3://KEY:SECRET@bucket/x`, `https://TOKEN@host/`) and query parameters that carry signatures or tokens
+# (presigned S3 / GCS URLs, Azure SAS, API keys).
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^@/\s?#'\"]+)@")
+# Database roles are names, not secrets: their user stays readable, the password goes.
+_KEEP_USER_SCHEMES = ("postgres", "postgresql", "mysql", "mariadb", "mssql", "oracle", "redis", "rediss", "mongodb")
+_SECRET_QUERY_KEYS = (r"x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
+                      r"|awsaccesskeyid|signature|sig|key|apikey|auth|access_token|id_token|code|sas"
+                      r"|[a-z0-9_.-]*(?:" + SECRET_KEY_PATTERN.pattern + r")[a-z0-9_.-]*")
+_SECRET_QUERY = re.compile(r"(?P<lead>[?&;])(?P<key>" + _SECRET_QUERY_KEYS + r")=(?P<value>[^&#\s'\"]*)", re.I)
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or invalid; the message names the key path."""
@@ -249,8 +260,26 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _redact_userinfo(match: re.Match) -> str:
+    scheme, userinfo = match["scheme"], match["userinfo"]
+    user, has_password, _ = userinfo.partition(":")
+    if has_password and scheme[:-3].lower().split("+")[0] in _KEEP_USER_SCHEMES:
+        return f"{scheme}{user}:{REDACTED}@"
+    return f"{scheme}{REDACTED}@"
+
+
+def redact_text(text: str) -> str:
+    """`text` with the credentials inside any URI it contains replaced: the userinfo's password (and, but for
+    database roles, the user, often an access key or a token), and secret-carrying query values."""
+    if "://" not in text and "=" not in text:
+        return text
+    text = _URI_USERINFO.sub(_redact_userinfo, text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['lead']}{m['key']}={REDACTED}" if m["value"] else m[0], text)
+
+
 def redact(tree: Any) -> Any:
-    """Copy of a nested dict with values of secret-looking keys replaced."""
+    """Copy of a nested dict with values of secret-looking keys replaced, and credentials inside every
+    string value (URIs with a password or a token) redacted too."""
     if isinstance(tree, Mapping):
         out = {}
         for key, value in tree.items():
@@ -259,8 +288,10 @@ def redact(tree: Any) -> Any:
             else:
                 out[key] = redact(value)
         return out
-    if isinstance(tree, list):
+    if isinstance(tree, (list, tuple)):
         return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return redact_text(tree)
     return tree
 
 

@@ -106,7 +106,7 @@ def write(dataset_uri: str, *, phase: str, cfg: Any, input_uri: str | None, inpu
         "version": storage.basename(dataset_uri),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "code_version": code_version(),
-        "input": {"uri": input_uri, "identity": input_id},
+        "input": {"uri": config_lib.redact_text(input_uri) if input_uri else input_uri, "identity": input_id},
         "config": config_lib.redact(resolved),
         "config_hash": config_lib.config_hash(resolved),
         "counts": counts,

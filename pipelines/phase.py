@@ -36,12 +36,27 @@ class InputError(ValueError):
     The message names the file, column or key."""
 
 
+class RedactingFilter(logging.Filter):
+    """Replaces credentials inside URIs in a log record's message (a tracking URI with a password, a
+    presigned URL): `config.redact_text` on the formatted message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = config_lib.redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Every command logs through `logging.getLogger(__name__)`; this sets the handler up once (on
-    stderr, so stdout carries only the command's JSON result)."""
+    stderr, so stdout carries only the command's JSON result), with credentials in URIs redacted."""
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format=LOG_FORMAT)
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     root.setLevel(min(root.level or level, level))
     for name in ("pipelines", "stages", "data_filters", "cluster"):
         logging.getLogger(name).setLevel(level)
@@ -63,10 +78,10 @@ def run_cli(name: str, main: Callable[[list[str]], Any], argv: Optional[list[str
     try:
         result = main(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {config_lib.redact_text(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except _input_errors() as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {config_lib.redact_text(str(exc))}", file=sys.stderr)
         sys.exit(1)
     if isinstance(result, int) and not isinstance(result, bool):
         sys.exit(result)

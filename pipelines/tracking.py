@@ -130,6 +130,8 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
         exp_id = _ensure_experiment(client, name, uri, data_root)
         all_tags = lineage_tags(phase, cfg, input_uri)
         all_tags.update(tags or {})
+        # URIs in tags (input, output, run dir) may carry credentials: the same redaction as the params.
+        all_tags = {k: config_lib.redact_text(v) if isinstance(v, str) else v for k, v in all_tags.items()}
         with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                               run_name=None if run_id else (run_name or mlflow_cfg.run_name),
                               tags=all_tags, log_system_metrics=mlflow_cfg.system_metrics) as run:
