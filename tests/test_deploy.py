@@ -92,6 +92,44 @@ def test_every_phase_and_the_workflow_has_a_rayjob(values):
     assert {"configs/train-a.yaml", "configs/train-b.yaml", "configs/train-c.yaml"} <= train_configs
 
 
+def test_entrypoints_and_the_cluster_workflow_parse_with_the_phases_own_configs(values, monkeypatch, tmp_path):
+    """What each RayJob runs parses and validates as the phase would (typed config, the workflow's steps with
+    their configs and overrides), so a manifest never fails on a flag or key at submit time."""
+    import importlib
+
+    from pipelines import config as config_lib
+    from pipelines import workflow
+
+    def load(what: str, fn, *args):
+        """A path that exists only on the cluster (the example bucket) is the one error allowed."""
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            if not re.search(r"not found|does not exist", str(exc)):
+                raise AssertionError(f"{what}: {exc}") from None
+
+    monkeypatch.setenv("WURST_DATA_ROOT", values.data_root)
+    for job in values.jobs:
+        argv = shlex.split(deploy.entrypoint(values, job))
+        module = importlib.import_module(argv[2])
+        if hasattr(module, "PHASE"):
+            load(f"jobs.{job}", module.PHASE.load_config, argv[3:])
+        elif argv[2] == "pipelines.generate":
+            module.build_parser().parse_args(argv[3:])
+        else:
+            assert argv[2] == "pipelines.workflow" and argv[3:5] == ["--config", "cluster/workflow.yaml"], job
+    flow = config_lib.load(workflow.WorkflowConfig, os.path.join(REPO_ROOT, "cluster", "workflow.yaml"))
+    assert flow.data_root == values.data_root
+    outputs = {}
+    for step in flow.steps:
+        if step.kind == "phase":
+            phase = workflow.phase_of(step)
+            overrides = workflow.step_overrides(step, flow, outputs)
+            load(f"cluster/workflow.yaml: {step.name}", config_lib.load, phase.config_class,
+                 workflow._abs_config_path(step.config), overrides)
+        outputs[step.name] = f"{values.data_root}/{step.name}/VERSION"
+
+
 def test_values_errors_name_the_key(tmp_path):
     with open(deploy.VALUES) as f:
         base = yaml.safe_load(f)
