@@ -228,8 +228,12 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/wurst/torch_extensions"))
 
     if mlflow_server:
-        server = mlflow_server_lib.plan(mlflow_options or mlflow_server_lib.MlflowServerOptions(),
-                                        state_dir=state_dir, data_root=data_root, host=LOOPBACK, port=mlflow_port)
+        try:
+            server = mlflow_server_lib.plan(mlflow_options or mlflow_server_lib.MlflowServerOptions(),
+                                            state_dir=state_dir, data_root=data_root, host=LOOPBACK, port=mlflow_port)
+        except mlflow_server_lib.MlflowServerError:
+            shutil.rmtree(temp_dir, ignore_errors=True)  # nothing started yet
+            raise
         log = os.path.join(state_dir, "mlflow.log")
         proc = _spawn(server.cmd, log, dict(env, **server.server_env))
         state.processes.append(Process("mlflow", proc.pid, log))

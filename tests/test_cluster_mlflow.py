@@ -84,6 +84,14 @@ def test_secrets_stay_off_the_command_line_and_in_private_files(tmp_path, monkey
     assert "--app-name" not in off.cmd and off.client_env == {}
 
 
+def test_cluster_up_refuses_a_password_on_its_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = _cluster(str(tmp_path / "state"), env, "up", "--mlflow-server", "--data-root", str(tmp_path / "data"),
+                   "--mlflow-backend-store-uri", "postgresql://wurst:hunter2@127.0.0.1:1/mlflow")
+    assert out.returncode == 2 and "--mlflow-backend-store-uri: the URI contains a password" in out.stderr
+    assert not os.path.exists(tmp_path / "state" / "state.json")  # nothing was started
+
+
 def test_a_phase_refuses_a_tracking_uri_with_a_password():
     """Phases log their config as params: a password in mlflow.tracking_uri would land there."""
     from pipelines import tracking
