@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import netguard, storage
-from pipelines.image_shards import count_tar_samples, shard_files
+from pipelines.image_shards import WEB_IMAGE_FORMATS, count_tar_samples, shard_files
 from pipelines.phase import InputError
 
 if TYPE_CHECKING:
@@ -100,11 +100,13 @@ def _webp_complete(data: bytes) -> bool:
 
 def inspect_image(data: bytes, max_pixels: int) -> Optional[str]:
     """Why downloaded bytes must not be decoded (`decompression_bomb: ...`, `truncated_image: ...`,
-    `not_an_image: ...`, `decode_error: ...`), or None. Reads only the header for JPEG/PNG/WebP."""
+    `not_an_image: ...`, `decode_error: ...`), or None. Reads only the header for JPEG/PNG/WebP. Only the
+    web image formats are identified (`WEB_IMAGE_FORMATS`): anything else, EPS (Ghostscript) included, is
+    `not_an_image` before any decoder of it runs."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=WEB_IMAGE_FORMATS) as im:
             width, height = im.size
             if width * height > max_pixels:
                 return f"decompression_bomb: {width}x{height} pixels exceeds max_image_pixels={max_pixels}"
@@ -121,7 +123,7 @@ def inspect_image(data: bytes, max_pixels: int) -> Optional[str]:
     except UnidentifiedImageError:
         head = data[:64].lstrip().lower()
         kind = "HTML" if head.startswith((b"<!doctype html", b"<html")) else f"{len(data)} bytes"
-        return f"not_an_image: content is not a recognised image format ({kind})"
+        return f"not_an_image: content is not one of the accepted image formats {list(WEB_IMAGE_FORMATS)} ({kind})"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-sample failure
         text = str(exc)
         if "truncated" in text.lower():

@@ -199,12 +199,12 @@ def reference_batches(uri: str, limit: int, size: int, batch: int = 32):
         if local and os.path.isdir(local) and not glob.glob(os.path.join(local, "*.tar")):
             for path in sorted(p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True)
                                if p.lower().endswith(IMAGE_SUFFIXES)):
-                yield Image.open(path)
+                yield Image.open(path, formats=image_shards.WEB_IMAGE_FORMATS)
             return
         for _, members in image_shards.iter_tar_samples(uri):
             data = next((v for k, v in members.items() if k.lower() in {s.lstrip(".") for s in IMAGE_SUFFIXES}), None)
             if data is not None:
-                yield Image.open(io.BytesIO(data))
+                yield Image.open(io.BytesIO(data), formats=image_shards.SHARD_IMAGE_FORMATS)
 
     out, seen = [], 0
     for image in images():

@@ -46,6 +46,12 @@ from pipelines.phase import InputError
 # Image members of a sample, by extension (lower case), in the order a sample's image is looked for.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = tuple("." + ext for ext in IMAGE_EXTENSIONS)
+# The PIL formats `Image.open(..., formats=...)` may identify. Unrestricted, PIL tries every plugin it has,
+# among them EPS (which runs Ghostscript on load when it is installed) and other rarely audited decoders.
+# WEB_IMAGE_FORMATS: what the downloader accepts from the web; SHARD_IMAGE_FORMATS: what shards hold (the
+# downloader re-encodes to jpg / png / webp).
+WEB_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture JPEG)
+SHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 class ImageShardError(InputError):
@@ -154,7 +160,7 @@ def decode_and_crop(data: bytes, image_size: int, crop_size: int, rng: np.random
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=SHARD_IMAGE_FORMATS) as image:
             image = image.convert("RGB")
             w, h = image.size
             scale = image_size / min(w, h)

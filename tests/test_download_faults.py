@@ -33,6 +33,11 @@ DRIP_INTERVAL_S = 2.0  # one byte every 2 s: each read returns well within the p
 PER_READ_TIMEOUT_S = 5.0
 
 
+# A real EPS file (PIL's EpsImagePlugin identifies it; loading it would run Ghostscript where installed).
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+       b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
 def jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (seed * 40 % 256, 90, 30)).save(buf, "JPEG", quality=90)
@@ -52,10 +57,11 @@ class FaultServer:
             def do_GET(self):  # noqa: N802 - http.server API
                 with server.lock:
                     server.hits[self.path] = server.hits.get(self.path, 0) + 1
-                body = jpeg(int(self.path.rsplit("/", 1)[-1]))
+                eps = self.path.startswith("/eps/")
+                body = EPS if eps else jpeg(int(self.path.rsplit("/", 1)[-1]))
                 try:
                     self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Type", "application/postscript" if eps else "image/jpeg")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     if self.path.startswith("/drip/"):
@@ -217,3 +223,19 @@ def test_a_caption_that_is_not_utf8_is_repaired_and_counted_not_failing_its_shar
                                    {"00000": summary}, {}, version="v", input_uri=input_dir, output_uri=out,
                                    duration_s=1.0)
     assert report["repaired"] == {"invalid_utf8.TEXT": 1} and report["succeeded"] == 3
+
+
+def test_an_eps_payload_is_not_an_image_and_never_decoded(tmp_path, server):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(EPS)) as unrestricted:  # the payload is an EPS file PIL would open ...
+        assert unrestricted.format == "EPS"
+    # ... the pre-decode inspection does not: it identifies only the accepted web formats.
+    assert download_task.inspect_image(EPS, 10**6).startswith("not_an_image: content is not one of the accepted")
+    summary = run_shard(tmp_path, [server.url("/good/40"), server.url("/eps/41")])
+    assert summary["succeeded"] == 1 and summary["failures"] == {"not_an_image": 1}
+    # The shard readers refuse it too.
+    from pipelines import image_shards
+
+    with pytest.raises(image_shards.ImageShardError, match="cannot decode image"):
+        image_shards.decode_and_crop(EPS, 32, 16, __import__("numpy").random.default_rng(0), "test.eps")

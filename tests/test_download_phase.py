@@ -208,7 +208,7 @@ def test_shards_are_deterministic_consecutive_slices_across_files():
     ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "disallowed_by_robots_tag"),
     ("failed_to_resize", "decompression_bomb: 20000x20000 pixels exceeds max_image_pixels=1", "decompression_bomb"),
     ("failed_to_resize", "truncated_image: JPEG data ends before the end of the image", "truncated_image"),
-    ("failed_to_resize", "not_an_image: content is not a recognised image format (HTML)", "not_an_image"),
+    ("failed_to_resize", "not_an_image: content is not one of the accepted image formats [...] (HTML)", "not_an_image"),
     ("failed_to_resize", "Image decoding error", "decode_error"),
     ("failed_to_resize", "image too small", "image_too_small"),
     ("failed_to_resize", "something new", "resize_error"),
