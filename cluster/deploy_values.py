@@ -26,7 +26,7 @@ class ImageValues:
     python_version: str = "3.11"
     ray_version: str = "2.60.0"
     cpu_base: str = "python:3.11-slim-bookworm"
-    cuda_base: str = "nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04"
+    cuda_base: str = "nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04"
 
     def ref(self, variant: str) -> str:
         return f"{self.repository}:{self.tag}-{variant}"

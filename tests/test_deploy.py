@@ -281,5 +281,7 @@ def test_dockerfile_installs_the_project_from_files_that_exist(values):
         for name in extra.split(","):
             assert name in project["optional-dependencies"], f"Dockerfile installs extra {name!r} that pyproject lacks"
     assert '-e ".[cluster]"' in installs
+    # KubeRay runs `bash -l -c "... ray start ..."`: a login shell must find the venv's ray.
+    assert any("/etc/profile.d/" in a and "/opt/venv/bin" in a for word, a in steps if word == "RUN")
     users = [a for word, a in steps if word == "USER"]
     assert users and users[-1] not in ("root", "0")
