@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import posixpath
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -52,6 +53,15 @@ IMAGE_SUFFIXES = tuple("." + ext for ext in IMAGE_EXTENSIONS)
 # downloader re-encodes to jpg / png / webp).
 WEB_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (multi-picture JPEG)
 SHARD_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+log = logging.getLogger(__name__)
+
+# A tar that ends early (an interrupted upload, a full disk): the samples it lost are yielded by
+# `iter_tar_samples` as placeholders holding only this part (the detail, UTF-8), so readers count them
+# under TRUNCATED_TAR instead of failing the whole phase or losing them silently.
+TRUNCATED_TAR = "truncated_tar"
+TRUNCATED_PART = "__truncated_tar__"
 
 
 class ImageShardError(InputError):
@@ -85,14 +95,22 @@ def list_shards(uri: str) -> list[str]:
     return sorted(shards)
 
 
-def _scan_tar(path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[tuple[str, int, int]]:
-    """(member name, data offset, size) of the image members of a tar, in tar order (headers only)."""
+def _scan_tar(path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, strict: bool = True
+              ) -> list[tuple[str, int, int]]:
+    """(member name, data offset, size) of the image members of a tar, in tar order (headers only).
+    strict=False: a tar that ends early gives the members whose data lies wholly before the break."""
     out = []
-    with storage.open_input(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-        for member in tar:
-            if member.isfile() and member.name.lower().endswith(suffixes):
-                out.append((member.name, member.offset_data, member.size))
-    return out
+    with storage.open_input(path) as handle:
+        end = handle.size()
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.lower().endswith(suffixes):
+                        out.append((member.name, member.offset_data, member.size))
+        except (tarfile.TarError, EOFError, OSError):
+            if strict:
+                raise
+    return out if strict else [m for m in out if m[1] + m[2] <= end]
 
 
 def count_tar_samples(tar_uri: str, image_ext: str) -> int:
@@ -122,12 +140,36 @@ def count_images(uri: str) -> int:
     return sum(shard_count(s) for s in list_shards(uri))
 
 
-def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def recorded_samples(tar_uri: str) -> Optional[int]:
+    """The samples a shard's side files say its tar holds (stats, else the results parquet), or None."""
+    files = sibling_files(tar_uri)
+    try:
+        if storage.exists(files["stats"]) or storage.exists(files["parquet"]):
+            return shard_count(tar_uri)
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def truncated_detail(parts: dict[str, bytes]) -> Optional[str]:
+    """The detail of a placeholder for a sample a truncated tar lost, or None for a real sample."""
+    data = parts.get(TRUNCATED_PART)
+    return data.decode("utf-8", errors="replace") if data is not None else None
+
+
+def iter_tar_samples(uri: str, expected: Optional[int] = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a webdataset tar, in tar order, reading it once as a
     stream. Members of a sample are consecutive and share the key (path up to the first dot of the
-    file name); extensions are lower-cased."""
+    file name); extensions are lower-cased.
+
+    A tar that ends early keeps what came before the break: every complete sample, and of the sample the
+    break cut, the members read whole (a reader's own checks count it when a part is missing). Then one
+    placeholder `(<shard>/lost-<i>, {TRUNCATED_PART: detail})` follows per sample the shard is known to
+    have lost: `expected` (default: the shard's side files, `recorded_samples`) minus those yielded; at
+    least one when the tar was unreadable and the number is unknown."""
     count = 0
     key, parts = None, {}
+    error: Optional[BaseException] = None
     try:
         with storage.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -145,10 +187,25 @@ def iter_tar_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 key = member_key
                 handle = tar.extractfile(member)
                 parts[ext.lower()] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ImageShardError(f"{uri}: unreadable tar after {count} samples ({exc})") from exc
-    if key is not None:
+    except (tarfile.TarError, EOFError, OSError) as exc:  # a truncated or corrupt tar
+        error = exc
+    if key is not None and parts:
         yield key, parts
+        count += 1
+    if expected is None:
+        expected = recorded_samples(uri)
+    lost = (expected - count) if expected is not None else 0
+    if error is not None:
+        lost = max(lost, 1)
+    if lost <= 0:
+        return
+    why = f"unreadable after {count} samples ({error})" if error is not None else f"ends after {count} samples"
+    detail = (f"{TRUNCATED_TAR}: {uri} {why}; " + (f"{lost} of its {expected} samples lost" if expected is not None
+                                                     else "an unknown number of samples lost (counted as one)"))
+    log.warning("%s", detail)
+    stem = posixpath.splitext(posixpath.basename(str(uri)))[0]
+    for i in range(lost):
+        yield f"{stem}/lost-{i:06d}", {TRUNCATED_PART: detail.encode("utf-8")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,17 +298,24 @@ class ImageShardReader:
     def _members(self, shard: int) -> list[tuple[str, int, int]]:
         members = self._index.get(shard)
         if members is None:
-            members = _scan_tar(self.shards[shard])
-            if len(members) != self.counts[shard]:
-                raise ImageShardError(f"{self.shards[shard]}: {len(members)} images in the tar, its stats say "
-                                      f"{int(self.counts[shard])}")
+            members = _scan_tar(self.shards[shard], strict=False)
+            if not members or len(members) > self.counts[shard]:
+                raise ImageShardError(f"{self.shards[shard]}: {len(members)} readable images in the tar, its stats "
+                                      f"say {int(self.counts[shard])}")
+            if len(members) < self.counts[shard]:
+                # A truncated tar: the images before the break stand in, in turn, for those it lost, so the
+                # stream's positions (and a resume) stay as the ordering contract fixes them.
+                lost = int(self.counts[shard]) - len(members)
+                log.warning("%s: %s: %d of %d images lost; their stream positions reuse the %d readable ones",
+                            TRUNCATED_TAR, self.shards[shard], lost, int(self.counts[shard]), len(members))
             self._index[shard] = members
             while len(self._index) > self.open_index:
                 self._index.popitem(last=False)
         return members
 
     def load(self, epoch: int, position: int, shard: int, index: int) -> tuple[np.ndarray, str]:
-        name, offset, size = self._members(shard)[index]
+        members = self._members(shard)
+        name, offset, size = members[index % len(members)]
         with storage.open_input(self.shards[shard]) as handle:
             handle.seek(offset)
             data = handle.read(size)
