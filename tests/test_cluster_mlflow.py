@@ -234,6 +234,15 @@ def test_mlflow_server_on_postgres_with_auth_serves_a_ray_job(postgres, tmp_path
             if name.endswith(".log"):
                 with open(os.path.join(state_dir, name), errors="replace") as f:
                     texts.append(f.read())
+        # Ray's own session logs too (raylet, GCS, dashboard, workers, the job driver).
+        ray_logs = 0
+        for folder, _dirs, files in os.walk(state["temp_dir"]):
+            for name in files:
+                if name.endswith((".log", ".out", ".err")):
+                    with open(os.path.join(folder, name), errors="replace") as f:
+                        texts.append(f.read())
+                    ray_logs += 1
+        assert ray_logs > 10, ray_logs
         for text in texts:
             assert password not in text and postgres.password not in text
     finally:
