@@ -217,14 +217,21 @@ def mlflow_objects(v: DeployValues) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- launcher
 
+def _sh_path(path: str) -> str:
+    """A path for the node's shell: quoted, with a leading ~/ still expanding (to the node user's home)."""
+    if path.startswith("~/"):
+        return '"$HOME/' + path[2:].replace('"', '\\"') + '"'
+    return shlex.quote(path)
+
+
 def launcher_config(v: DeployValues) -> dict:
     lv = v.launcher
-    env = node_env(v, lv.mlflow_tracking_uri)
-    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": lv.token_file})
-    exports = " ".join(f"{k}={shlex.quote(val)}" for k, val in env.items())
+    env = {k: shlex.quote(val) for k, val in node_env(v, lv.mlflow_tracking_uri).items()}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": _sh_path(lv.token_file)})
+    exports = " ".join(f"{k}={val}" for k, val in env.items())
     # Every Ray process inherits this environment, and so every job and worker: the secrets come from the
     # env file (synced from your machine, never in this file), the rest from the values.
-    prelude = f"set -a && . {lv.env_file} && set +a && export {exports} && ulimit -n 65536"
+    prelude = f"set -a && . {_sh_path(lv.env_file)} && set +a && export {exports} && ulimit -n 65536"
     provider = {"type": "aws", "region": lv.region, "cache_stopped_nodes": False}
     if lv.availability_zone:
         provider["availability_zone"] = lv.availability_zone
@@ -301,8 +308,23 @@ def render_dockerfile(v: DeployValues, text: str) -> str:
 
 # --------------------------------------------------------------------------------------------- render
 
+class _Dumper(yaml.SafeDumper):
+    """Plain, readable YAML: no &anchors for repeated values, multi-line strings as | blocks."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def _dump(*docs: dict) -> str:
-    body = "---\n".join(yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=120) for d in docs)
+    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+                         for d in docs)
     return HEADER + body
 
 

@@ -240,6 +240,28 @@ def test_launcher_config_validates_against_rays_schema():
         jsonschema.validate(bad, schema)
 
 
+def test_launcher_start_commands_give_ray_the_secrets_and_the_environment(tmp_path, values):
+    """Run the start commands' shell prelude (everything before `ray start`) in bash on a fake home."""
+    import subprocess
+
+    (config,) = _docs(os.path.join(REPO_ROOT, "cluster", "launcher", "aws-gpu.yaml"))
+    (tmp_path / ".wurst").mkdir()
+    (tmp_path / ".wurst" / "secrets.env").write_text("MLFLOW_TRACKING_PASSWORD=s3cret\nAWS_ACCESS_KEY_ID=AK\n")
+    for command in (config["head_start_ray_commands"][1], config["worker_start_ray_commands"][1]):
+        prelude, _, rest = command.partition(" && ray start ")
+        assert rest, command
+        prelude = prelude.replace("ulimit -n 65536", "true")  # the node's limit, not this machine's
+        out = subprocess.run(["bash", "-c", f"{prelude} && env"], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        env = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+        assert env["MLFLOW_TRACKING_PASSWORD"] == "s3cret" and env["AWS_ACCESS_KEY_ID"] == "AK"
+        assert env["WURST_DATA_ROOT"] == values.data_root
+        assert env["MLFLOW_TRACKING_URI"] == values.launcher.mlflow_tracking_uri
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == f"{tmp_path}/.wurst/ray_token"
+        assert env["RAY_USAGE_STATS_ENABLED"] == "0"  # ray_job.yaml's env_vars
+
+
 # ------------------------------------------------------------------ Dockerfile
 
 def _instructions(path: str) -> list[tuple[str, str]]:
