@@ -248,3 +248,80 @@ def test_mlflow_server_on_postgres_with_auth_serves_a_ray_job(postgres, tmp_path
     finally:
         down = _cluster(state_dir, env, "down")
         assert down.returncode == 0, f"cluster down left processes behind: {down.stdout}{down.stderr}"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow_e2e
+def test_the_kubernetes_mlflow_manifest_serves_with_auth(postgres, tmp_path):
+    """cluster/k8s/mlflow.yaml's container, run here as the Deployment would run it: its command, its env (the
+    Secret's keys filled in), its ConfigMap as the auth config; only the address, port, store host and
+    artifact root are this machine's. It answers its Service's Host names with the Secret's admin credentials,
+    and refuses other hosts and unauthenticated requests."""
+    import yaml
+
+    from cluster import deploy, local
+
+    values = deploy.load_values()
+    postgres.create_database("mlflow_k8s")
+    store = postgres.uri("mlflow_k8s")
+    config_map, deployment, service = list(yaml.safe_load_all(open(os.path.join(REPO_ROOT, "cluster", "k8s",
+                                                                                  "mlflow.yaml"))))
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(config_map["data"]["basic_auth.ini"].replace(values.kubernetes.mlflow.backend_store_uri, store))
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    (port,) = local.free_ports(1)
+    cmd = list(container["command"])
+    cmd[0] = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd[cmd.index("--host") + 1] = local.LOOPBACK
+    cmd[cmd.index("--port") + 1] = str(port)
+    cmd[cmd.index("--workers") + 1] = "1"
+    cmd[cmd.index("--artifacts-destination") + 1] = str(tmp_path / "artifacts")
+    secret = {"PGPASSWORD": postgres.password, "MLFLOW_TRACKING_USERNAME": "admin",
+              "MLFLOW_TRACKING_PASSWORD": "k8s-" + postgres.password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-key"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG", "AWS_"))}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == values.kubernetes.secret
+            if ref["key"] in secret:
+                env[var["name"]] = secret[ref["key"]]
+            else:
+                assert ref.get("optional"), ref
+    env["MLFLOW_BACKEND_STORE_URI"] = store
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    log = str(tmp_path / "mlflow.log")
+    proc = local._spawn(cmd, log, env)
+    url = f"http://{local.LOOPBACK}:{port}"
+    creds = ("admin", secret["MLFLOW_TRACKING_PASSWORD"])
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(host: str, auth=None) -> int:
+        req = urllib.request.Request(url + search, headers={"Host": host})
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        while not local._http_ok(f"{url}/health"):
+            assert proc.poll() is None, open(log).read()[-3000:]
+            time.sleep(0.3)
+        name = service["metadata"]["name"]
+        in_cluster = f"{name}.{values.kubernetes.namespace}.svc:{service['spec']['ports'][0]['port']}"
+        assert status(in_cluster) == 401
+        assert status(in_cluster, creds) == 200
+        assert status(f"{name}:5000", creds) == 200
+        assert status("evil.example.com:5000", creds) in (400, 403)  # the DNS-rebinding guard is on
+    finally:
+        local._kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            local._kill_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+    assert postgres.query("mlflow_k8s", "SELECT username FROM users") == [("admin",)]
