@@ -20,6 +20,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import importlib
+import io
 import os
 import secrets
 import sys
@@ -80,6 +81,12 @@ def _write_private(path: str, text: str) -> None:
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
     os.chmod(path, 0o600)  # an existing file keeps its old mode under os.open
+
+
+def _ini_text(parser: configparser.ConfigParser) -> str:
+    out = io.StringIO()
+    parser.write(out)
+    return out.getvalue()
 
 
 def read_credentials_file(path: str, option: str = "--mlflow-credentials") -> tuple[str, str]:
@@ -171,16 +178,13 @@ def plan(options: MlflowServerOptions, *, state_dir: str, data_root: str, host: 
         "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
     }
     ini_path = os.path.join(state_dir, "mlflow_auth.ini")
-    with open(os.open(ini_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        ini.write(f)  # 0600: database_uri may carry a password (from MLFLOW_BACKEND_STORE_URI)
+    _write_private(ini_path, _ini_text(ini))  # private: database_uri may carry a password (MLFLOW_BACKEND_STORE_URI)
     password_path = os.path.join(state_dir, "mlflow_password")
     _write_private(password_path, password + "\n")
     # A client credentials file in MLflow's format: copy it to ~/.mlflow/credentials on a client machine.
     creds = configparser.ConfigParser(interpolation=None)
     creds[CREDENTIALS_SECTION] = {USERNAME_KEY: user, PASSWORD_KEY: password}
-    with open(os.open(os.path.join(state_dir, "mlflow_credentials"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-              "w") as f:
-        creds.write(f)
+    _write_private(os.path.join(state_dir, "mlflow_credentials"), _ini_text(creds))
 
     cmd[2:2] = ["--app-name", "basic-auth"]
     server_env.update({
