@@ -9,6 +9,17 @@ started (by pid) and nothing else: never `ray stop`, which kills every Ray on th
 
 The state file (`<state dir>/state.json`) records addresses, pids, the token path and the env vars
 a client needs (`python -m cluster env` prints them as shell exports).
+
+Where things listen (Ray 2.60): with no worker nodes the head runs with Ray's multi-node switch off
+(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), so every Ray service (GCS, raylet, object manager, workers,
+dashboard and runtime-env agents, Ray Client, the Prometheus metrics endpoints) listens on 127.0.0.1 only.
+Worker nodes need the switch on, and then Ray replaces a loopback node address by the machine's interface
+address and binds the node-to-node services (GCS, raylets, object managers, workers' gRPC, the agents'
+and the dashboard's / autoscaler's metrics endpoints) on all interfaces or on that address; no Ray flag
+keeps them on loopback. Token authentication still guards Ray's gRPC and HTTP APIs; the Prometheus
+endpoints answer without it (read-only metrics). The dashboard / job server and MLflow stay on 127.0.0.1
+either way. `up` checks that the job server refuses a request without the token (and the MLflow server one
+without credentials, when it has auth on) before it reports the cluster up.
 """
 
 from __future__ import annotations
@@ -167,6 +178,17 @@ def _alive_nodes(dashboard_url: str, token: str) -> int:
     return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
 
+def unauthenticated_answer(url: str) -> Optional[str]:
+    """What `url` answered to a request without credentials, or None when it refused it (401 / 403)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url), timeout=5) as resp:
+            return f"GET {url} without credentials answered {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return None if exc.code in (401, 403) else f"GET {url} without credentials answered {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"GET {url} failed ({exc})"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -246,11 +268,19 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
         env.update(server.client_env)
 
     cpu_args = ["--num-cpus", str(cpus_per_node)] if cpus_per_node else []
-    # Multi-node needs Ray's "cluster" switch on (a caller may have it off for a loopback-only embedded
-    # Ray). With it on, Ray replaces a loopback node address by this machine's own interface address
-    # for GCS/raylet traffic (it stays on this host); dashboard and job server stay on 127.0.0.1.
-    head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+    # A single node: Ray's multi-node switch off keeps every Ray service on 127.0.0.1. Worker nodes need it
+    # on, and then Ray moves the node-to-node services off loopback (see the module docstring).
+    head_env = dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1" if workers else "0")
+    # The dashboard's and the autoscaler's metrics endpoints default to fixed ports (44227, 44217), which a
+    # second cluster on this machine would collide with.
+    dashboard_metrics_port, autoscaler_metrics_port = free_ports(2)
+    head_env.update(DASHBOARD_METRIC_PORT=str(dashboard_metrics_port),
+                    AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port))
     worker_env = head_env
+    if workers:
+        log.warning("cluster up --workers %d: Ray binds its node-to-node services (GCS, raylets, object managers, "
+                    "metrics endpoints) to this machine's network address, not only 127.0.0.1; token "
+                    "authentication guards its APIs, the metrics endpoints answer without it", workers)
     head_cmd = [_ray_binary(), "start", "--head", "--block", "--node-ip-address", LOOPBACK,
                 "--port", str(gcs_port), "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
                 "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats",
@@ -283,6 +313,14 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
         wait(lambda: _alive_nodes(state.dashboard_url, token) >= 1 + workers, f"{1 + workers} Ray nodes")
         if mlflow_server:
             wait(lambda: _http_ok(f"{state.mlflow_url}/health"), "MLflow server")
+        # Before reporting it up: a request without the token must be refused (token auth really on).
+        checks = [f"{state.dashboard_url}/api/jobs/"]
+        if mlflow_server and state.mlflow_username:
+            checks.append(f"{state.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1")
+        answered = [a for a in map(unauthenticated_answer, checks) if a is not None]
+        if answered:
+            raise RuntimeError("refusing to report the cluster up: authentication is not in force: "
+                               + "; ".join(answered))
     except BaseException:
         down(state_dir=state_dir)
         raise

@@ -92,6 +92,10 @@ from pipelines import storage
 from pipelines.phase import InputError
 
 STRING_COLUMNS = ("uid", "caption", "key")
+# Image columns: per row one encoded image (binary), decoded by the reader into a uint8 (3, h, w) tensor.
+# `semantic_image` holds the Semantic Compressor's input pixels, for a Stage B that fine-tunes it. PNG:
+# lossless, so the compressor trains on the pixels the later semantic precompute encodes.
+IMAGE_COLUMNS = {"semantic_image": "png"}
 EMPTY_TEXT_FILE = "empty_text_emb.npy"
 STATS_KEY = b"wurst.precompute.stats"
 SHAPE_KEY = b"shape"
@@ -146,11 +150,61 @@ def split_samples(manifest: dict, split: str) -> int:
 
 
 def shard_schema(tensor_shapes: dict[str, Any]):
-    """key, uid, caption (strings) + one flat fixed-size list of float16 per tensor column."""
+    """key, uid, caption (strings) + one flat fixed-size list of float16 per tensor column (binary for an
+    image column)."""
     fields = [pa.field(name, pa.string(), nullable=False) for name in STRING_COLUMNS]
     for name, shape in tensor_shapes.items():
-        fields.append(pa.field(name, pa.list_(pa.float16(), int(np.prod(shape))), nullable=False))
+        kind = pa.binary() if name in IMAGE_COLUMNS else pa.list_(pa.float16(), int(np.prod(shape)))
+        fields.append(pa.field(name, kind, nullable=False))
     return pa.schema(fields)
+
+
+def column_spec(name: str, shape: list[int]) -> dict:
+    """A tensor column's manifest entry: shape and dtype (the dtype the reader yields), an image column's
+    encoding."""
+    if name in IMAGE_COLUMNS:
+        return {"shape": list(shape), "dtype": "uint8", "encoding": IMAGE_COLUMNS[name]}
+    return {"shape": list(shape), "dtype": "float16"}
+
+
+def pack_blobs(blobs: Sequence[bytes]) -> bytes:
+    """Byte strings -> one (count, offsets, data) blob: how a chunk's encoded images travel as one value."""
+    offsets = np.zeros(len(blobs) + 1, dtype="<u8")
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return np.array([len(blobs)], dtype="<u8").tobytes() + offsets.tobytes() + b"".join(blobs)
+
+
+def unpack_blobs(packed: bytes) -> list[bytes]:
+    if not packed:
+        return []
+    count = int(np.frombuffer(packed, dtype="<u8", count=1)[0])
+    offsets = np.frombuffer(packed, dtype="<u8", count=count + 1, offset=8)
+    base = 8 * (count + 2)
+    return [packed[base + int(offsets[i]):base + int(offsets[i + 1])] for i in range(count)]
+
+
+def encode_image(pixels: np.ndarray, encoding: str) -> bytes:
+    """(3, h, w) uint8 -> encoded bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(buffer, format=encoding.upper(),
+                                                                          compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_images(blobs: Sequence[bytes], shape: tuple[int, ...], out: np.ndarray, source: str) -> None:
+    """Encoded images of one column -> `out` (n, *shape) uint8; a wrong size or mode is an error naming
+    `source`."""
+    from PIL import Image
+
+    for i, blob in enumerate(blobs):
+        with Image.open(io.BytesIO(blob), formats=["PNG", "JPEG", "WEBP"]) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        if array.shape != (shape[1], shape[2], shape[0]):
+            raise LatentDatasetError(f"{source}: an image of {array.shape[1]}x{array.shape[0]} where the manifest "
+                                     f"says {shape[2]}x{shape[1]}")
+        out[i] = array.transpose(2, 0, 1)
 
 
 def tensor_schema(shapes: dict[str, list[int]]):
@@ -178,6 +232,12 @@ def shard_table(keys: list[str], uids: list[str], captions: list[str], tensors: 
                                "caption": pa.array(captions, pa.string())}
     for name, shape in shapes.items():
         raw = tensors.get(name, b"") if n else b""
+        if name in IMAGE_COLUMNS:  # a pack_blobs blob of n encoded images
+            blobs = unpack_blobs(raw)
+            if len(blobs) != n:
+                raise LatentDatasetError(f"column {name}: {len(blobs)} images for {n} rows")
+            columns[name] = pa.array(blobs, pa.binary())
+            continue
         columns[name] = tensor_column(np.frombuffer(raw, dtype=np.float16).reshape((n, *shape)))
     return pa.table(columns, schema=tensor_schema(shapes))
 
@@ -185,7 +245,8 @@ def shard_table(keys: list[str], uids: list[str], captions: list[str], tensors: 
 def parquet_writer_options(schema) -> dict[str, Any]:
     """Options for `pq.ParquetWriter`: strings zstd + dictionary; tensor columns uncompressed PLAIN
     without statistics. Dictionary-encoded float16 lists read ~15x slower, and fp16 latents do not
-    compress, so PLAIN keeps the reader near memory speed (bench/precompute.py measures it)."""
+    compress, so PLAIN keeps the reader near memory speed (bench/precompute.py measures it). Image
+    columns are compressed already (PNG)."""
     strings = [f.name for f in schema if pa.types.is_string(f.type)]
     tensors = [f.name for f in schema if not pa.types.is_string(f.type)]
     return {
@@ -329,13 +390,18 @@ class LatentShardReader:
         if len(set(self.columns)) != len(self.columns):
             raise LatentDatasetError(f"columns listed twice: {self.columns}")
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, Any] = {}  # numpy dtype the reader yields per tensor column
         for name in self.columns:
             if name in tensor_specs:
                 spec = tensor_specs[name]
-                if spec.get("dtype") != "float16":
-                    raise LatentDatasetError(f"{self.uri}: column {name!r} has dtype {spec.get('dtype')!r}, "
-                                             "the reader supports float16 tensor columns")
+                expected = column_spec(name, spec.get("shape") or [])
+                if spec.get("dtype") != expected["dtype"] or spec.get("encoding") != expected.get("encoding"):
+                    raise LatentDatasetError(
+                        f"{self.uri}: column {name!r} has dtype {spec.get('dtype')!r} / encoding "
+                        f"{spec.get('encoding')!r}; the reader supports {expected['dtype']} "
+                        f"{'images encoded as ' + expected['encoding'] if 'encoding' in expected else 'tensors'} there")
                 self.shapes[name] = tuple(int(d) for d in spec["shape"])
+                self.dtypes[name] = np.dtype(expected["dtype"])
 
         self.split = split
         shards = split_shards(self.manifest, split)
@@ -516,9 +582,16 @@ class LatentShardReader:
             if name not in self.shapes:
                 columns[name] = column.to_numpy(zero_copy_only=False)
                 continue
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape((piece.rows,) + self.shapes[name])
+            shape = (piece.rows,) + self.shapes[name]
+            if name in IMAGE_COLUMNS:  # decoded here, in the loader's worker
+                tensor = _shared_tensor(shape, self.dtypes[name]) if shared else None
+                values = tensor.numpy() if shared else np.empty(shape, dtype=self.dtypes[name])
+                decode_images(column.to_pylist(), self.shapes[name], values, f"{path} row group {group}")
+                columns[name] = tensor if shared else values
+                continue
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(shape)
             if shared:
-                tensor = _shared_float16(values.shape)
+                tensor = _shared_tensor(values.shape, np.float16)
                 np.copyto(tensor.numpy(), values)
                 columns[name] = tensor
             else:
@@ -556,11 +629,12 @@ class LatentShardReader:
         upcoming = next(plan, None)
         current: tuple[Piece, dict[str, np.ndarray]] | None = None  # a piece that reaches into later windows
         size = min(self.shuffle_window, self.samples_per_epoch)
-        window_buffers = {name: np.empty((size,) + self.shapes[name], dtype=np.float16) if name in self.shapes
+        window_buffers = {name: np.empty((size,) + self.shapes[name], dtype=self.dtypes[name]) if name in self.shapes
                           else np.empty(size, dtype=object) for name in self.columns}
 
         def allocate(rows: int) -> dict[str, Any]:
-            return {name: torch.empty((rows,) + self.shapes[name], dtype=torch.float16, pin_memory=pin_memory)
+            return {name: torch.empty((rows,) + self.shapes[name], dtype=getattr(torch, _TORCH_DTYPES[self.dtypes[name].name]),
+                                      pin_memory=pin_memory)
                     if name in self.shapes else np.empty(rows, dtype=object) for name in self.columns}
 
         def gather(into: dict[str, Any], at: int, rows: np.ndarray) -> None:
@@ -659,10 +733,14 @@ class LatentPieceReader:
         return self.reader.read_pieces(info.id, info.num_workers, shared=True)
 
 
-def _shared_float16(shape: tuple[int, ...]):
-    """An uninitialised float16 tensor in shared memory (what torch's collate makes in a worker)."""
+_TORCH_DTYPES = {"float16": "float16", "uint8": "uint8"}
+
+
+def _shared_tensor(shape: tuple[int, ...], dtype):
+    """An uninitialised float16 / uint8 tensor in shared memory (what torch's collate makes in a worker)."""
     import torch
 
+    kind = getattr(torch, _TORCH_DTYPES[np.dtype(dtype).name])
     numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=torch.float16)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=torch.float16).new(storage).view(shape)
+    storage = torch.empty(0, dtype=kind)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=kind).new(storage).view(shape)

@@ -62,7 +62,8 @@ from pipelines.runtime import RayConfig, default_data_root
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("text", "semantic", "stage_a")
+# semantic_image: the Semantic Compressor's input pixels (PNG), for a Stage B that fine-tunes the compressor.
+OUTPUTS = ("text", "semantic", "stage_a", "semantic_image")
 SEMANTIC_STRIDE = 32  # EfficientNet trunks downsample by 32: 768 px -> 24 x 24
 PRECISIONS = ("bfloat16", "float16", "float32")
 
@@ -90,8 +91,9 @@ class PrecomputeConfig:
     # Output root; the phase writes <output>/<version>/. Default <data_root>/latents.
     output: Optional[str] = None
     data_root: str = dataclasses.field(default_factory=default_data_root)
-    # What to compute: Stage C trains on text + semantic; Stage B needs all three.
-    outputs: list[str] = param(default_factory=lambda: list(OUTPUTS), choices=OUTPUTS)
+    # What to compute: Stage C trains on text + semantic; Stage B on text + stage_a + semantic (frozen
+    # compressor) or semantic_image (the compressor's input pixels: Stage B fine-tunes it, as the paper).
+    outputs: list[str] = param(default_factory=lambda: ["text", "semantic", "stage_a"], choices=OUTPUTS)
     encoders: EncodersConfig = dataclasses.field(default_factory=EncodersConfig)
     # Semantic Compressor input size: 768 -> 16x24x24 latents, 384 -> 16x12x12 (multiple of 32).
     semantic_resolution: int = param(768, ge=32)
@@ -349,7 +351,7 @@ class PrecomputePhase(Phase):
                   "skipped": skipped, "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
                   "converted": sum(converted_by_mode.values()),
                   "converted_by_mode": dict(sorted(converted_by_mode.items()))}
-        columns = {name: {"shape": shape, "dtype": "float16"} for name, shape in shapes.items()}
+        columns = {name: latent_shards.column_spec(name, shape) for name, shape in shapes.items()}
         extra.update({"columns": columns, "string_columns": ["key", "uid", "caption"], "shards": shard_entries,
                       "validation": {"fraction": cfg.validation_fraction, "rule": latent_shards.VALIDATION_RULE,
                                      "samples": totals["validation"], "shards": validation_entries},

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines import export_layout, storage
+from pipelines import export_layout, latent_shards, storage
 from pipelines.config import ConfigError
 
 if TYPE_CHECKING:
@@ -91,12 +91,13 @@ def encoder_sources(cfg: PrecomputeConfig) -> dict[str, dict]:
 
 
 def image_outputs(cfg: PrecomputeConfig) -> list[str]:
-    return [o for o in cfg.outputs if o in ("semantic", "stage_a")]
+    return [o for o in cfg.outputs if o in ("semantic", "stage_a", "semantic_image")]
 
 
 def decode_resolution(cfg: PrecomputeConfig) -> int:
     """The square size the CPU tasks produce: the largest the image encoders need."""
-    sizes = {"semantic": cfg.semantic_resolution, "stage_a": cfg.stage_a_resolution}
+    sizes = {"semantic": cfg.semantic_resolution, "stage_a": cfg.stage_a_resolution,
+             "semantic_image": cfg.semantic_resolution}
     return max((sizes[o] for o in image_outputs(cfg)), default=0)
 
 
@@ -168,14 +169,28 @@ class Encoders:
                 out["semantic"] = self.models["semantic"].encode(self._images(pixels, size), size=size)
             if "stage_a" in self.models:
                 out["stage_a"] = self.models["stage_a"].encode(self._images(pixels, self.spec["stage_a_resolution"]))
-            return {k: v.to(torch.float16).cpu().numpy() for k, v in out.items()}
+            out = {k: v.to(torch.float16).cpu().numpy() for k, v in out.items()}
+            if "semantic_image" in self.spec["outputs"]:
+                out["semantic_image"] = self.compressor_pixels(pixels)
+            return out
+
+    def compressor_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """The Semantic Compressor's input as (n, 3, R, R) uint8: the float32 resize `semantic` encodes
+        (before ImageNet normalisation), rounded."""
+        torch = self.torch
+        size = self.spec["semantic_resolution"]
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
     def probe(self) -> dict:
         """Output shapes (from one blank image) and the empty caption's embedding."""
         size = self.spec["decode_resolution"]
         blank = np.zeros((1, size, size, 3), dtype=np.uint8) if size else None
         outputs = self.encode([""], blank)
-        return {"shapes": {k: list(v.shape[1:]) for k, v in outputs.items()},
+        return {"shapes": {k: list(v.shape[1:]) for k, v in outputs.items()},  # semantic_image: (3, R, R)
                 "empty_text_emb": outputs["text_emb"][0] if "text_emb" in outputs else None}
 
 
@@ -209,6 +224,10 @@ class ChunkEncoder:
         for name in ("text_emb", "semantic", "stage_a"):
             if name in outputs:
                 result[name] = np.array([outputs[name].tobytes()], dtype=object)
+        if "semantic_image" in outputs:  # encoded here: the actor's CPUs, not the driver's
+            encoded = [latent_shards.encode_image(image, latent_shards.IMAGE_COLUMNS["semantic_image"])
+                       for image in outputs["semantic_image"]]
+            result["semantic_image"] = np.array([latent_shards.pack_blobs(encoded)], dtype=object)
         return result
 
 

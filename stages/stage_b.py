@@ -396,3 +396,85 @@ class StageB(nn.Module):
         if self.config.prediction == "v":
             return eps_from_v(x_in, a, r)
         return (x_in.float() - a.float()) / b
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage B trained together with its Semantic Compressor (the paper fine-tunes the compressor)
+
+COMPRESSOR_BATCHNORM = ("frozen", "train")
+
+
+@dataclass
+class StageBWithCompressorConfig:
+    """Stage B and the Semantic Compressor it fine-tunes. ``batchnorm``: "frozen" keeps every BatchNorm
+    of the compressor in eval mode with its affine fixed (the running statistics the later semantic
+    precompute applies are the ones Stage B trained against, whatever the per-rank batch, and the mapper's
+    BatchNorm keeps the latent's scale that Stage C's (x + 1) / 42 assumes); "train" uses batch statistics
+    and updates the running ones, as a plain ``train()`` module does."""
+
+    stage_b: StageBConfig
+    compressor: Any  # stages.semantic.SemanticCompressorConfig
+    batchnorm: str = "frozen"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "batchnorm", COMPRESSOR_BATCHNORM)
+        if self.compressor.c_latent != self.stage_b.effnet_embd:
+            raise ValueError(f"the Semantic Compressor writes {self.compressor.c_latent} channels, Stage B's "
+                             f"effnet_embd is {self.stage_b.effnet_embd}")
+
+    @property
+    def prediction(self) -> str:
+        return self.stage_b.prediction
+
+
+class StageBWithCompressor(nn.Module):
+    """``forward(x, r, effnet, text)`` is Stage B's; ``forward(images=...)`` (in [0, 1], (B, 3, h, w) at the
+    compressor's input size) is the compressor's raw latent. One module, so one engine trains both and the
+    conditioning augmentation can sit between them (`stages.diffusion.stage_b_loss`)."""
+
+    def __init__(self, config: StageBWithCompressorConfig, *, gradient_checkpointing: bool = False):
+        super().__init__()
+        from stages.semantic import SemanticCompressor
+
+        self.config = config
+        self.stage_b = StageB(config.stage_b, gradient_checkpointing=gradient_checkpointing)
+        self.compressor = SemanticCompressor(config.compressor)
+        self._apply_batchnorm_policy()
+
+    @classmethod
+    def from_modules(cls, stage_b: StageB, compressor: nn.Module, batchnorm: str = "frozen") -> "StageBWithCompressor":
+        """Around existing (e.g. loaded) modules, without initialising new weights."""
+        config = StageBWithCompressorConfig(stage_b.config, compressor.config, batchnorm)
+        with torch.device("meta"):
+            model = cls(config)
+        model.stage_b, model.compressor = stage_b, compressor
+        model._apply_batchnorm_policy()
+        return model.train(stage_b.training)
+
+    def _apply_batchnorm_policy(self) -> None:
+        if self.config.batchnorm == "frozen":
+            for module in self._batchnorms():
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
+
+    def _batchnorms(self):
+        return [m for m in self.compressor.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> "StageBWithCompressor":
+        super().train(mode)
+        if self.config.batchnorm == "frozen":
+            for module in self._batchnorms():
+                module.eval()
+        return self
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(Stage B's trainable parameters, the compressor's): the optimizer gives each its own lr."""
+        return ([p for p in self.stage_b.parameters() if p.requires_grad],
+                [p for p in self.compressor.parameters() if p.requires_grad])
+
+    def forward(self, x: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                effnet: torch.Tensor | None = None, text: torch.Tensor | None = None, *,
+                images: torch.Tensor | None = None, **kwargs):
+        if images is not None:
+            return self.compressor.encode(images, size=(int(images.shape[-2]), int(images.shape[-1])))
+        return self.stage_b(x, r, effnet, text, **kwargs)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from pipelines import config as config_lib
 from pipelines import export_layout
@@ -28,7 +29,7 @@ def test_workflow_config_is_validated():
                                                                  {"name": "a", "module": "m"}]})
     cfg = config_lib.load(workflow.WorkflowConfig, DEMO_WORKFLOW)
     assert [s.name for s in cfg.steps] == ["filter", "download", "encoders", "train_a", "precompute", "train_b",
-                                          "train_c", "generate", "evaluate"]
+                                          "precompute_c", "train_c", "generate", "evaluate"]
 
 
 def test_demo_data_has_the_faults_the_funnel_must_show(tmp_path):
@@ -43,8 +44,8 @@ def test_demo_data_has_the_faults_the_funnel_must_show(tmp_path):
 @pytest.mark.e2e
 def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_workflow_run, ray_cluster, tmp_path):
     summary = demo_workflow_run["summary"]
-    assert list(summary) == ["filter", "download", "encoders", "train_a", "precompute", "train_b", "train_c",
-                             "generate", "evaluate"]
+    assert list(summary) == ["filter", "download", "encoders", "train_a", "precompute", "train_b", "precompute_c",
+                             "train_c", "generate", "evaluate"]
     assert all(s["status"] == "ran" for s in summary.values()), summary
     generated = summary["generate"]["output"]
     assert os.path.exists(os.path.join(generated, "grid.png"))
@@ -79,6 +80,27 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
     with open(os.path.join(train_b, "collectives", "rank-00000.json")) as f:
         assert json.load(f)["calls"]["all_reduce"] > 0
 
+    # Stage B fine-tuned the Semantic Compressor (the paper): its export holds the compressor, whose weights moved
+    # from the encoders step's; precompute_c encoded Stage C's latents with exactly that export, and train_c
+    # trained on them.
+    from safetensors.torch import load_file
+
+    exported = export_layout.resolve_checkpoint(os.path.join(train_b, "export", "semantic"))
+    tuned, initial = (load_file(os.path.join(d, "model.safetensors"))
+                      for d in (exported, os.path.join(summary["encoders"]["output"], "semantic")))
+    assert set(tuned) == set(initial)
+    compressor = stages.load(exported, expected_kind="semantic")
+    batchnorms = {name for name, m in compressor.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    in_batchnorm = {k for k in tuned if k.rpartition(".")[0] in batchnorms}
+    # Every convolution / linear weight moved; BatchNorm frozen (the demo's policy): statistics and affine kept.
+    assert all(not torch.equal(tuned[k], initial[k]) for k in set(tuned) - in_batchnorm), \
+        sorted(k for k in set(tuned) - in_batchnorm if torch.equal(tuned[k], initial[k]))
+    assert in_batchnorm and all(torch.equal(tuned[k], initial[k]) for k in in_batchnorm)
+    c_latents = json.load(open(os.path.join(summary["precompute_c"]["output"], "manifest.json")))
+    assert c_latents["encoders"]["semantic"]["checkpoint"] == exported
+    assert json.load(open(os.path.join(summary["train_c"]["output"], "run.json")))["input"] == \
+        summary["precompute_c"]["output"]
+
     # The evaluation of train_c's export: probe accuracies in evaluation.json and in an MLflow run that
     # names the training run it evaluates.
     evaluation = json.load(open(os.path.join(summary["evaluate"]["output"], "evaluation.json")))
@@ -94,7 +116,7 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
         return json.load(open(os.path.join(summary[step]["output"], "manifest.json")))["mlflow_run_id"]
 
     for child, parent in (("download", "filter"), ("precompute", "download"), ("train_a", "download"),
-                          ("train_b", "precompute"), ("train_c", "precompute")):
+                          ("train_b", "precompute"), ("precompute_c", "download"), ("train_c", "precompute_c")):
         tags = client.get_run(run_of(child)).data.tags
         assert tags["wurst.input_run_id"] == run_of(parent), (child, parent)
 
@@ -108,7 +130,8 @@ def test_workflow_submits_every_phase_then_skips_then_reruns_downstream(demo_wor
     # whose new version the assertion below shows.)
     changed = small_workflow(demo_workflow_run["base"], demo_workflow_run["demo_root"],
                              demo_workflow_run["data_root"], extra={"filter": ["filters.aesthetic.min=5.5"]},
-                             disable=("train_a", "precompute", "train_b", "train_c", "generate", "evaluate"))
+                             disable=("train_a", "precompute", "train_b", "precompute_c", "train_c", "generate",
+                                      "evaluate"))
     third = run_workflow(ray_cluster, changed)
     # encoders are calibrated on the downloaded images, so they are downstream of the filter too.
     assert [third[s]["status"] for s in ("filter", "download", "encoders")] == ["ran", "ran", "ran"]

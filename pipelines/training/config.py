@@ -266,6 +266,24 @@ class CheckpointsConfig:
 
 
 @dataclasses.dataclass
+class SemanticCompressorTrainConfig:
+    """Stage B: fine-tune the Semantic Compressor with Stage B, as the paper does ("we updated the weights of
+    the Semantic Compressor during training"). The run then reads the compressor's input pixels (precompute
+    output `semantic_image`) instead of precomputed `semantic` latents, trains both in one engine (the
+    conditioning dropout / noise act on the compressor's output), and exports the fine-tuned compressor as
+    `export/<step>/semantic`, which the semantic precompute for Stage C takes (encoders.semantic)."""
+
+    train: bool = False
+    # Its starting weights (a stages checkpoint or <run>/export/semantic). None: model.init_from's export's
+    # semantic/ when it has one (a continued Stage B run), else the encoder the input's latents record.
+    init_from: Optional[str] = None
+    # Its own learning rate (an AdamW param group; the warm-up applies to both). None: optim.lr.
+    lr: Optional[float] = param(None, gt=0.0)
+    # frozen: BatchNorm in eval mode with affine fixed (see stages.stage_b.StageBWithCompressorConfig); train.
+    batchnorm: Literal["frozen", "train"] = "frozen"
+
+
+@dataclasses.dataclass
 class MetricsConfig:
     # Dense peak TFLOP/s of one worker's device for the MFU estimate; None: known GPUs by name, else no MFU.
     peak_tflops: Optional[float] = param(None, gt=0.0)
@@ -339,6 +357,7 @@ class TrainConfig:
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    semantic_compressor: SemanticCompressorTrainConfig = dataclasses.field(default_factory=SemanticCompressorTrainConfig)
     mlflow: TrainMlflowConfig = dataclasses.field(default_factory=TrainMlflowConfig)
 
     def validate(self) -> None:
@@ -346,6 +365,8 @@ class TrainConfig:
             raise ConfigError(f"run_name: {self.run_name!r} must be a plain directory name")
         if self.validation.ema and not self.ema.enabled:
             raise ConfigError("validation.ema: true needs ema.enabled: true (there are no EMA weights to evaluate)")
+        if self.semantic_compressor.train and self.stage != "b":
+            raise ConfigError("semantic_compressor.train: only Stage B fine-tunes the Semantic Compressor")
         if self.fault.kill_rank is not None and self.fault.kill_rank >= self.train.num_workers:
             raise ConfigError(f"fault.kill_rank: {self.fault.kill_rank} is not a rank of {self.train.num_workers} workers")
         self._validate_evaluation()
@@ -387,3 +408,5 @@ class RunPlan:
     # evaluation.every: the texts the evaluated images are scored against (Stage C: the prompts, resolved once
     # by the driver; Stage B: the evaluated samples' captions).
     evaluation_prompts: list[str] = dataclasses.field(default_factory=list)
+    # semantic_compressor.train: the checkpoint the compressor starts from (resolved by the driver).
+    compressor_init: Optional[str] = None

@@ -30,7 +30,12 @@ from pipelines.training.engine import make_engine, reseed_per_rank
 from pipelines.training.metrics import Ratio, bucket_edges, timestep_label
 from pipelines.training.periodic_eval import EvaluationContext, Evaluator
 from pipelines.training.preview import PreviewContext
+from pipelines.training.export import write_export
+from pipelines.training.flops import training_flops
 from pipelines.training.runner import Runner
+from stages.checkpoint import build_with_state
+from stages.semantic import SemanticCompressor
+from stages.stage_b import StageBWithCompressor
 
 if TYPE_CHECKING:
     from pipelines.training.specs import DiffusionSpec
@@ -46,7 +51,7 @@ class DiffusionRunner(Runner):
         super().__init__(spec, cfg, plan, rank, world, device)
         model = self.build_model()
         reseed_per_rank(cfg.data.seed, rank)
-        self.engine, self.scheduler = make_engine(cfg, plan, world, model)
+        self.engine, self.scheduler = make_engine(cfg, plan, world, model, param_groups=self.param_groups(model))
         self.engines = {"model": self.engine}
         self.text_uncond = None
         if plan.empty_text_emb:
@@ -69,6 +74,10 @@ class DiffusionRunner(Runner):
                                    f"{manifest['validation'].get('fraction')})")
         else:
             self._no_validation = None
+
+    def param_groups(self, model: nn.Module) -> Optional[list[dict]]:
+        """AdamW's parameter groups (None: every trainable parameter at optim.lr)."""
+        return None
 
     # ------------------------------------------------------------ data
     def batches(self, start_sample: int) -> Iterator[dict]:
@@ -215,3 +224,41 @@ class DiffusionRunner(Runner):
                                     samples=self._evaluator.samples)
         images, prompts = self.spec.evaluation_images(model, context)
         return self._evaluator.score(images, prompts, self.spec.evaluation_suffix)
+
+
+class StageBCompressorRunner(DiffusionRunner):
+    """Stage B fine-tuning its Semantic Compressor: one engine around `StageBWithCompressor` (the compressor
+    at its own lr), weights and exports of both (`export/<step>/stage_b` and `export/<step>/semantic`)."""
+
+    def build_model(self) -> nn.Module:
+        stage_b = super().build_model()  # seeds, model.init_from
+        sc = self.cfg.semantic_compressor
+        compressor = stages.load(storage.local_copy(self.plan.compressor_init), expected_kind="semantic")
+        if compressor.config.c_latent != self.model_config.effnet_embd:
+            raise ValueError(f"{self.plan.compressor_init}: the Semantic Compressor writes {compressor.config.c_latent} "
+                             f"channels, Stage B's effnet_embd is {self.model_config.effnet_embd}")
+        model = StageBWithCompressor.from_modules(stage_b.train(), compressor.float().train(), sc.batchnorm)
+        self.module_config = model.config
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        stage_b, compressor = model.parameter_groups()
+        lr = self.cfg.optim.lr
+        return [{"params": stage_b, "lr": lr}, {"params": compressor, "lr": self.cfg.semantic_compressor.lr or lr}]
+
+    def module_from(self, state: dict, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        return build_with_state(StageBWithCompressor, self.module_config, state, f"{self.plan.run_name} weights",
+                                device=device or "cpu", dtype=dtype)
+
+    def write_export(self, state: dict, export_root: str, step: int, *, ema: bool) -> str:
+        module = self.module_from(state)
+        return write_export(self.kind, module.stage_b, export_root, step, ema=ema, plan=self.plan,
+                            trained_with={"semantic": module.compressor})
+
+    def flops_per_sample(self) -> float:
+        """Stage B's and the compressor's (forward + backward at the stored pixels' size)."""
+        image = self.plan.shapes["semantic_image"]
+        with torch.device("meta"):
+            compressor = SemanticCompressor(self.module_config.compressor)
+            pixels = torch.rand(1, *image)
+        return super().flops_per_sample() + training_flops(lambda: compressor(pixels).float().pow(2).mean())

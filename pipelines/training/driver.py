@@ -29,7 +29,7 @@ from pipelines.config import ConfigError
 from pipelines.training.config import RUN_INFO, RUNS_DIR, VERSION_EXCLUDES, RunPlan, TrainConfig
 from pipelines.training.loop import run_worker, train_worker
 from pipelines.training.session import LocalSession
-from pipelines.training.specs import STAGES
+from pipelines.training.specs import STAGES, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ def require_input(cfg: TrainConfig) -> str:
 
 # Weight-changing settings added after runs existed: left out of the version hash while at these defaults, so
 # those runs keep their names (and resume) as before.
-VERSION_DEFAULTS_LEFT_OUT = {"model.continue_step_count": False, "data.timestep_warp": 1.0}
+VERSION_DEFAULTS_LEFT_OUT = {"model.continue_step_count": False, "data.timestep_warp": 1.0,
+                             "semantic_compressor.train": False, "semantic_compressor.init_from": None,
+                             "semantic_compressor.lr": None, "semantic_compressor.batchnorm": "frozen"}
 
 
 def hashed_settings(cfg: TrainConfig) -> dict:
@@ -71,6 +73,8 @@ def hashed_settings(cfg: TrainConfig) -> dict:
             node = node.get(part, {})
         if isinstance(node, dict) and leaf in node and node[leaf] == default:
             del node[leaf]
+            if not node and len(parents) == 1:  # a block of such settings, all at their defaults
+                del tree[parents[0]]
     return tree
 
 
@@ -165,9 +169,31 @@ def continued_step(cfg: TrainConfig) -> int:
     return record["step"]
 
 
+def compressor_source(cfg: TrainConfig, companions: dict[str, str]) -> str:
+    """`semantic_compressor.train`: the checkpoint the compressor starts from: `semantic_compressor.init_from`;
+    else model.init_from's export's own semantic/ (a Stage B run continued from one that fine-tuned it); else
+    the compressor the input's latents were computed with (or checkpoints.semantic)."""
+    configured = cfg.semantic_compressor.init_from
+    if configured:
+        uri = export_layout.resolve_checkpoint(configured)
+        if not storage.exists(storage.join(uri, "config.json")):
+            raise ConfigError(f"semantic_compressor.init_from: {uri} is not a stages checkpoint (no config.json)")
+        return uri
+    if cfg.model.init_from:
+        export_dir = export_layout.resolve_checkpoint(cfg.model.init_from).rstrip("/").rpartition("/")[0]
+        own = storage.join(export_dir, "semantic")
+        if export_dir and storage.exists(storage.join(export_dir, export_layout.EXPORT_RECORD)) and \
+                storage.exists(storage.join(own, "config.json")):
+            return own
+    if "semantic" in companions:
+        return companions["semantic"]
+    raise ConfigError("semantic_compressor.init_from: required: the input's manifest names no semantic encoder "
+                      "(precompute without output semantic) and checkpoints.semantic is not set")
+
+
 def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
     """Resolve the run; every problem with the config or the input raises ConfigError naming the key."""
-    spec = STAGES[cfg.stage]
+    spec = spec_for(cfg)
     input_uri = require_input(cfg)
     input_manifest = manifest_lib.read(input_uri)
     model_config = spec.model_config(cfg.model.preset, cfg.model.overrides)
@@ -190,12 +216,14 @@ def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
             raise ConfigError(f"train.max_steps: {cfg.train.max_steps} is not beyond step {start_step} of "
                               f"{cfg.model.init_from}, which this run continues (max_steps counts the whole chain)")
     companions = _companions(cfg, input_manifest)
+    compressor_init = compressor_source(cfg, companions) if cfg.semantic_compressor.train else None
     evaluation_prompts = spec.plan_evaluation(cfg, input_uri, companions) if cfg.evaluation.every else []
     return RunPlan(stage=cfg.stage, run_name=name, run_dir=storage.join(root, name), runs_root=root,
                    input_uri=input_uri, shapes=data.shapes, num_samples=data.num_samples, use_gpu=use_gpu,
                    bf16=precision != "fp32", precision=precision,
                    tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
-                   companions=companions, evaluation_prompts=evaluation_prompts, start_step=start_step)
+                   companions=companions, evaluation_prompts=evaluation_prompts, start_step=start_step,
+                   compressor_init=compressor_init)
 
 
 # --------------------------------------------------------------------------------------------

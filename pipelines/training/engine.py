@@ -211,13 +211,15 @@ def warmup_then_constant(warmup_steps: int, start_step: int = 0):
 
 
 def make_engine(cfg: TrainConfig, plan: RunPlan, world: int, model, *, lr: Optional[float] = None, optimizer=None,
-                zero_stage: Optional[int] = None):
-    """One DeepSpeed engine around `model` with AdamW + warm-up/constant LR built in Python."""
+                zero_stage: Optional[int] = None, param_groups: Optional[list[dict]] = None):
+    """One DeepSpeed engine around `model` with AdamW + warm-up/constant LR built in Python. `param_groups`:
+    AdamW's groups (each with its own "lr"), instead of all trainable parameters at one lr."""
     deepspeed = import_deepspeed()
     optim = cfg.optim
     if optimizer is None:
+        groups = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
         # One fused kernel per step on GPUs (DeepSpeed steps it on the fp32 master partitions).
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr or optim.lr,
+        optimizer = torch.optim.AdamW(groups, lr=lr or optim.lr,
                                       betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
                                       **({"fused": True} if plan.use_gpu else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(optim.warmup_steps, plan.start_step))

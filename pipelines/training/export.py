@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Optional
 
 import stages
 from pipelines import export_layout, storage
@@ -20,13 +21,17 @@ def _copy_tree(source: str, target: str) -> None:
         storage.write_bytes(storage.join(target, storage.basename(path)), storage.read_bytes(path))
 
 
-def write_export(kind: str, module, root: str, step: int, *, ema: bool, plan: RunPlan) -> str:
+def write_export(kind: str, module, root: str, step: int, *, ema: bool, plan: RunPlan,
+                 trained_with: Optional[dict] = None) -> str:
     """`<root>/<step>/<kind>/` + export.json, the companions (once per source), then latest.json; returns
-    the step's directory."""
+    the step's directory. `trained_with`: more modules trained in the same run ({kind: module}, e.g. Stage B's
+    fine-tuned Semantic Compressor), each written as `<root>/<step>/<its kind>/`."""
     target = export_layout.step_dir(root, step)
+    parts = {kind: module, **(trained_with or {})}
     with tempfile.TemporaryDirectory(prefix="wurst-export-") as tmp:
-        stages.save(module, os.path.join(tmp, kind))
-        _copy_tree(os.path.join(tmp, kind), storage.join(target, kind))
+        for name, part in parts.items():
+            stages.save(part, os.path.join(tmp, name))
+            _copy_tree(os.path.join(tmp, name), storage.join(target, name))
     copied = {}
     for name, source in plan.companions.items():
         shared = storage.join(export_layout.companions_dir(root), name)
@@ -38,7 +43,8 @@ def write_export(kind: str, module, root: str, step: int, *, ema: bool, plan: Ru
         copied[name] = source
     storage.write_json(storage.join(target, export_layout.EXPORT_RECORD), {
         "run_name": plan.run_name, "stage": plan.stage, "step": step, "weights": "ema" if ema else "model",
-        "kind": kind, "companions": copied, "companions_dir": f"../{export_layout.COMPANIONS}",
+        "kind": kind, "trained_with": sorted(trained_with or {}), "companions": copied,
+        "companions_dir": f"../{export_layout.COMPANIONS}",
         "mlflow_run_id": plan.mlflow_run_id, "input": plan.input_uri,
     })
     export_layout.set_latest(root, step)

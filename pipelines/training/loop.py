@@ -38,13 +38,13 @@ from pipelines.training.engine import ensure_extensions_dir, full_fp32_state_dic
 from pipelines.training.metrics import IntervalMetrics, peak_tflops_for
 from pipelines.training.runner import Runner
 from pipelines.training.session import RaySession, Session
-from pipelines.training.specs import STAGES
+from pipelines.training.specs import spec_for
 
 log = logging.getLogger(__name__)
 
 
 def make_runner(cfg: TrainConfig, plan: RunPlan, rank: int, world: int, device: torch.device) -> Runner:
-    return STAGES[cfg.stage].runner(cfg, plan, rank, world, device)
+    return spec_for(cfg).runner(cfg, plan, rank, world, device)
 
 
 class WorkerLoop:

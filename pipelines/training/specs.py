@@ -21,7 +21,7 @@ from pipelines.config import ConfigError
 from pipelines.generate import GenerationModels, generate_images, to_pil
 from pipelines.training import periodic_eval
 from pipelines.training.config import DataConfig, PerceptualConfig, TrainConfig
-from pipelines.training.diffusion import DiffusionRunner
+from pipelines.training.diffusion import DiffusionRunner, StageBCompressorRunner
 from pipelines.training.periodic_eval import EvaluationContext
 from pipelines.training.preview import PreviewContext, image_grid, latent_to_image
 from pipelines.training.runner import Runner
@@ -321,7 +321,7 @@ class StageBSpec(DiffusionSpec):
         device = next(model.parameters()).device
         text = batch["text_emb"].to(device, torch.float32)
         uncond = ctx.text_uncond.to(device, torch.float32) if ctx.text_uncond is not None else None
-        latents = sampling.sample_stage_b(model, batch["semantic"].float(), text, uncond,
+        latents = sampling.sample_stage_b(model, self.semantic_of(model, batch, device), text, uncond,
                                           shape=tuple(batch["stage_a"].shape), timesteps=e.steps_b,
                                           guidance=e.guidance_b if uncond is not None else 1.0,
                                           generator=torch.Generator().manual_seed(e.seed))
@@ -332,11 +332,16 @@ class StageBSpec(DiffusionSpec):
     def forward(self, model, inputs, r):
         return model(inputs["stage_a"], r, inputs["semantic"], inputs["text_emb"])
 
+    def semantic_of(self, model, batch: dict, device) -> torch.Tensor:
+        """The semantic latents a batch conditions Stage B on (float32, on `device`)."""
+        return batch["semantic"].to(device, torch.float32)
+
     def latent_grid(self, model, batch, text, uncond, *, guidance, generator, ctx):
         """Stage B latents are decoded through the run's Stage A when it has one."""
         stage_a = ctx.load("stage_a") if "stage_a" in ctx.available else None
         real = batch["stage_a"].float()
-        fake = sampling.sample_stage_b(model, batch["semantic"].float(), text, uncond, shape=tuple(real.shape),
+        semantic = self.semantic_of(model, batch, next(model.parameters()).device)
+        fake = sampling.sample_stage_b(model, semantic, text, uncond, shape=tuple(real.shape),
                                        timesteps=ctx.sampling.steps, guidance=guidance, generator=generator).cpu()
         if stage_a is None:
             return image_grid([latent_to_image(real), latent_to_image(fake)])
@@ -344,6 +349,59 @@ class StageBSpec(DiffusionSpec):
         a_param = next(stage_a.parameters())
         decoded = [stage_a.decode(x.to(a_param.device, a_param.dtype)).float().clamp(0, 1).cpu() for x in (real, fake)]
         return image_grid(decoded)
+
+
+class StageBCompressorSpec(StageBSpec):
+    """Stage B fine-tuning its Semantic Compressor (`semantic_compressor.train`): it reads the compressor's
+    input pixels (`semantic_image`, uint8) and trains `stages.stage_b.StageBWithCompressor`, whose
+    ``forward(images=...)`` is the compressor; the conditioning augmentation acts on its output."""
+
+    tensor_columns = ("text_emb", "semantic_image", "stage_a")
+    evaluation_columns = ("caption", "text_emb", "semantic_image", "stage_a")
+
+    runner_class = StageBCompressorRunner
+
+    @staticmethod
+    def semantic_shape(config, shapes) -> list[int]:
+        """The compressor's latent for the stored pixels: effnet_embd x (R / 32) x (R / 32)."""
+        image = shapes["semantic_image"]
+        return [config.effnet_embd, image[1] // SEMANTIC_STRIDE, image[2] // SEMANTIC_STRIDE]
+
+    def check_shapes(self, config, shapes, source) -> None:
+        image = shapes["semantic_image"]
+        if len(image) != 3 or image[0] != 3 or image[1] % SEMANTIC_STRIDE or image[2] % SEMANTIC_STRIDE:
+            raise ConfigError(f"input: {source} column semantic_image has shape {image}, the Semantic Compressor "
+                              f"expects (3, h, w) with h and w multiples of {SEMANTIC_STRIDE}")
+        super().check_shapes(config, {**shapes, "semantic": self.semantic_shape(config, shapes)}, source)
+
+    def plan_input(self, cfg, model_config, input_uri, manifest) -> InputPlan:
+        plan = DiffusionSpec.plan_input(self, cfg, model_config, input_uri, manifest)
+        if not cfg.data.allow_latent_ratio_mismatch:
+            self.check_latent_ratio({**plan.shapes, "semantic": self.semantic_shape(model_config, plan.shapes)},
+                                    input_uri)
+        return plan
+
+    def example_inputs(self, shapes, batch: int = 1):
+        # FLOPs of the Stage B half (the runner adds the compressor's): its input is the latent.
+        image = shapes["semantic_image"]
+        semantic = (16, image[1] // SEMANTIC_STRIDE, image[2] // SEMANTIC_STRIDE)
+        return {"text_emb": torch.randn(batch, *shapes["text_emb"]), "stage_a": torch.randn(batch, *shapes["stage_a"]),
+                "semantic": torch.randn(batch, *semantic)}
+
+    def semantic_of(self, model, batch, device):
+        images = batch["semantic_image"].to(device).float().div(255.0)
+        return model(images=images).float()
+
+    def loss(self, model, batch, *, text_uncond, data_cfg, generator):
+        return super().loss(model, {**batch, "semantic": self.semantic_of(model, batch, batch["stage_a"].device)},
+                            text_uncond=text_uncond, data_cfg=data_cfg, generator=generator)
+
+    def validation_loss(self, model, batch, *, t, noise):
+        return super().validation_loss(model, {**batch, "semantic": self.semantic_of(model, batch, noise.device)},
+                                       t=t, noise=noise)
+
+
+SEMANTIC_STRIDE = 32  # the EfficientNet trunks downsample by 32 (as pipelines.precompute.SEMANTIC_STRIDE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,3 +454,11 @@ class StageASpec(StageSpec):
 
 
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (StageASpec(), StageBSpec(), StageCSpec())}
+STAGE_B_WITH_COMPRESSOR = StageBCompressorSpec()
+
+
+def spec_for(cfg: TrainConfig) -> StageSpec:
+    """The spec of the stage `cfg` trains (Stage B fine-tuning its compressor is a spec of its own)."""
+    if cfg.stage == "b" and cfg.semantic_compressor.train:
+        return STAGE_B_WITH_COMPRESSOR
+    return STAGES[cfg.stage]
