@@ -278,9 +278,10 @@ def _up_once(*, workers: int = 0, mlflow_server: bool = False, state_dir: str = 
                     AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port))
     worker_env = head_env
     if workers:
-        log.warning("cluster up --workers %d: Ray binds its node-to-node services (GCS, raylets, object managers, "
-                    "metrics endpoints) to this machine's network address, not only 127.0.0.1; token "
-                    "authentication guards its APIs, the metrics endpoints answer without it", workers)
+        logging.getLogger(__name__).warning(  # (`log` names a log file's path in this function)
+            "cluster up --workers %d: Ray binds its node-to-node services (GCS, raylets, object managers, metrics "
+            "endpoints) to this machine's network address, not only 127.0.0.1; token authentication guards its "
+            "APIs, the metrics endpoints answer without it", workers)
     head_cmd = [_ray_binary(), "start", "--head", "--block", "--node-ip-address", LOOPBACK,
                 "--port", str(gcs_port), "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
                 "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats",
