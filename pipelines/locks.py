@@ -102,9 +102,15 @@ def describe(holder: dict) -> str:
 class _LocalBackend:
     def __init__(self, path: str):
         self.path = path
+        self._made: list[str] = []  # directories create() made, deepest first: removed again when empty
 
     def create(self, data: bytes) -> bool:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        parent = os.path.dirname(self.path) or "."
+        missing = parent
+        while missing and not os.path.isdir(missing):
+            self._made.append(missing)
+            missing = os.path.dirname(missing)
+        os.makedirs(parent, exist_ok=True)
         tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -138,6 +144,12 @@ class _LocalBackend:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        for directory in self._made:  # a run that failed at once leaves no empty output root behind
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+        self._made = []
 
     def sibling(self, suffix: str) -> "_LocalBackend":
         return _LocalBackend(self.path + suffix)
