@@ -383,6 +383,9 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
     def readinto(self, buffer) -> Optional[int]:
         left = self._deadline - time.monotonic()
         if left <= 0:
