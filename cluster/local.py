@@ -369,11 +369,17 @@ def down(*, state_dir: str = DEFAULT_STATE_DIR, grace: float = 15.0) -> list[int
     for proc in order:
         _kill_group(proc.pid, signal.SIGKILL)
     # Ray daemons that escaped the process groups still name our temp dir on their command line.
-    for pid in _session_pids(state.temp_dir):
-        _kill_group(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    leftovers = [p for p in _session_pids(state.temp_dir) if _pid_alive(p)]
-    leftovers += [p.pid for p in order if _pid_alive(p.pid)]
+    # Swept until none is left (a few seconds at most): on a loaded machine a killed process can take a
+    # moment to go, and a dying raylet can still be starting an agent.
+    sweep_deadline = time.time() + 5.0
+    while True:
+        for pid in _session_pids(state.temp_dir):
+            _kill_group(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        leftovers = [p for p in _session_pids(state.temp_dir) if _pid_alive(p)]
+        leftovers += [p.pid for p in order if _pid_alive(p.pid)]
+        if not leftovers or time.time() > sweep_deadline:
+            break
     shutil.rmtree(state.temp_dir, ignore_errors=True)
     if not leftovers:
         os.remove(state_file(state_dir))
