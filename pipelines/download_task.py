@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import config as config_lib
 from pipelines import netguard, storage
 from pipelines.image_shards import WEB_IMAGE_FORMATS, count_tar_samples, shard_files
 from pipelines.phase import InputError
@@ -270,7 +271,8 @@ def summarize_results(results: pa.Table, input_uids: pa.Array) -> tuple[int, dic
         failures[reason] = failures.get(reason, 0) + row["count_all"]
         samples = examples.setdefault(reason, [])
         if len(samples) < 3 and row["error_message"]:
-            samples.append(str(row["error_message"])[:300])
+            # Messages quote URLs, which may carry signatures (presigned links): report.json and MLflow get them redacted.
+            samples.append(config_lib.redact_text(str(row["error_message"]))[:300])
     seen = results.column("uid").combine_chunks()
     missing = pc.sum(pc.invert(pc.is_in(input_uids, value_set=seen))).as_py() or 0
     if missing:

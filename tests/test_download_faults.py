@@ -239,3 +239,13 @@ def test_an_eps_payload_is_not_an_image_and_never_decoded(tmp_path, server):
 
     with pytest.raises(image_shards.ImageShardError, match="cannot decode image"):
         image_shards.decode_and_crop(EPS, 32, 16, __import__("numpy").random.default_rng(0), "test.eps")
+
+
+def test_failure_examples_in_the_report_carry_no_url_credentials():
+    results = pa.table({"uid": ["a", "b"], "status": ["failed_to_download", "success"],
+                        "error_message": ["HTTP Error 403: Forbidden (https://b.s3.amazonaws.com/x.jpg"
+                                          "?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SIG123)", None]})
+    succeeded, failures, examples = download_task.summarize_results(results, pa.array(["a", "b"]))
+    assert succeeded == 1 and failures == {"http_403": 1}
+    assert "SIG123" not in examples["http_403"][0] and "AKIAEXAMPLE" not in examples["http_403"][0]
+    assert "b.s3.amazonaws.com/x.jpg" in examples["http_403"][0]
