@@ -3,8 +3,10 @@
 `acquire(lock_uri, phase, version)` creates the lock file exclusively, with the holder's host, pid, process
 start time and start time in it, or raises `PhaseLockedError` naming the holder. A lock whose holder is
 provably gone is taken over (with a warning): same host, and that pid is not running, or is running but
-is a later process that reused the number (its start time differs). A lock held from another host is
-never guessed stale; the error says which file to delete once that run is known to be gone.
+is a later process that reused the number (its start time differs). A holder on another host cannot be
+asked, so it proves it is alive by a heartbeat: it rewrites `heartbeat_at` in its record every
+`HEARTBEAT_S`; a lock from another host whose heartbeat is older than `STALE_AFTER_S` is stale (a crashed
+job's pod on Kubernetes, a lost node). The error says which file to delete when in doubt.
 
 Creating exclusively:
 * local disk: the record is written to a temp file, then hard-linked to the lock's name (`link` fails
@@ -28,12 +30,17 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from typing import Optional
 
 from pipelines import storage
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0  # how often a holder rewrites its heartbeat
+STALE_AFTER_S = 600.0  # a lock from another host without a heartbeat for this long is stale (clock skew allowed)
 
 
 class PhaseLockedError(RuntimeError):
@@ -42,27 +49,21 @@ class PhaseLockedError(RuntimeError):
 
 
 def _process_started(pid: int) -> Optional[float]:
-    """The start time of process `pid` (seconds since the epoch), or None when it is not running."""
+    """The start time of process `pid` (seconds since the epoch), None when it is not running, -1 when it
+    runs but its start time cannot be read."""
     try:
         import psutil
 
         return psutil.Process(pid).create_time()
-    except ImportError:  # no psutil: existence only
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return -1.0
-    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess / ZombieProcess / AccessDenied
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return -1.0
+    except Exception:  # noqa: BLE001 - no psutil, NoSuchProcess, ZombieProcess, AccessDenied: ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return -1.0
 
 
 def holder_record(phase: str, version: str) -> dict:
@@ -70,12 +71,15 @@ def holder_record(phase: str, version: str) -> dict:
     return {"phase": phase, "version": version, "host": socket.gethostname(), "pid": pid,
             "pid_started": _process_started(pid),
             "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "token": uuid.uuid4().hex}
+            "heartbeat_at": time.time(), "token": uuid.uuid4().hex}
 
 
-def stale_reason(holder: dict) -> Optional[str]:
+def stale_reason(holder: dict, stale_after: float = STALE_AFTER_S) -> Optional[str]:
     """Why a lock's holder is certainly gone, or None when it may still be running."""
     if holder.get("host") != socket.gethostname():
+        beat = holder.get("heartbeat_at")
+        if isinstance(beat, (int, float)) and time.time() - beat > stale_after:
+            return f"no heartbeat from {holder.get('host')} for {time.time() - beat:.0f} s (> {stale_after:.0f} s)"
         return None
     try:
         pid = int(holder["pid"])
@@ -139,6 +143,12 @@ class _LocalBackend:
         except FileNotFoundError:
             return None
 
+    def overwrite(self, data: bytes) -> None:
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.path)  # readers see the old record or the new one, never half of one
+
     def delete(self) -> None:
         try:
             os.unlink(self.path)
@@ -176,6 +186,10 @@ class _FsspecBackend:
         except FileNotFoundError:
             return None
 
+    def overwrite(self, data: bytes) -> None:
+        with self.fs.open(self.path, "wb") as f:
+            f.write(data)
+
     def delete(self) -> None:
         try:
             self.fs.rm_file(self.path)
@@ -204,6 +218,9 @@ class _CheckThenWriteBackend:
         except FileNotFoundError:
             return None
 
+    def overwrite(self, data: bytes) -> None:
+        storage.write_bytes(self.uri, data)
+
     def delete(self) -> None:
         storage.delete(self.uri)
 
@@ -231,23 +248,51 @@ def backend_for(uri: str):
 # The lock
 
 
+def _encode(record: dict) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
+def _token(data: Optional[bytes]) -> Optional[str]:
+    try:
+        return json.loads(data).get("token") if data else None
+    except (ValueError, AttributeError):
+        return None
+
+
 @dataclasses.dataclass
 class PhaseLock:
     uri: str
     record: dict
     backend: object
+    heartbeat_s: float = HEARTBEAT_S
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    _thread: Optional[threading.Thread] = dataclasses.field(default=None, repr=False)
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.uri}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if _token(self.backend.read()) != self.record["token"]:
+                    log.warning("lock %s is no longer this run's; heartbeat stopped", self.uri)
+                    return
+                self.record["heartbeat_at"] = time.time()
+                self.backend.overwrite(_encode(self.record))
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat tries again
+                log.warning("lock %s: heartbeat failed (%s)", self.uri, exc)
 
     def release(self) -> None:
         """Delete the lock, if it is still ours (a run that took over a lock it thought stale keeps its own)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         current = self.backend.read()
         if current is None:
             log.warning("lock %s vanished while this run held it", self.uri)
             return
-        try:
-            token = json.loads(current).get("token")
-        except (ValueError, AttributeError):
-            token = None
-        if token != self.record["token"]:
+        if _token(current) != self.record["token"]:
             log.warning("lock %s now belongs to another run (%s); leaving it", self.uri, current[:200])
             return
         self.backend.delete()
@@ -280,14 +325,18 @@ def _take_over(backend, stale: bytes) -> bool:
     return True
 
 
-def acquire(lock_uri: str, phase: str, version: str, backend=None) -> PhaseLock:
-    """Take the lock of (phase, version) at `lock_uri`, or raise PhaseLockedError naming its holder."""
+def acquire(lock_uri: str, phase: str, version: str, backend=None, heartbeat_s: float = HEARTBEAT_S,
+            stale_after: float = STALE_AFTER_S) -> PhaseLock:
+    """Take the lock of (phase, version) at `lock_uri`, or raise PhaseLockedError naming its holder; the
+    lock's heartbeat runs until `release()`."""
     backend = backend or backend_for(lock_uri)
     record = holder_record(phase, version)
-    data = (json.dumps(record, indent=2) + "\n").encode()
+    data = _encode(record)
     for _ in range(5):
         if backend.create(data):
-            return PhaseLock(lock_uri, record, backend)
+            lock = PhaseLock(lock_uri, record, backend, heartbeat_s)
+            lock.start_heartbeat()
+            return lock
         current = backend.read()
         if current is None:  # released between our create and our read: try again
             continue
@@ -295,7 +344,7 @@ def acquire(lock_uri: str, phase: str, version: str, backend=None) -> PhaseLock:
         if holder is None:
             raise PhaseLockedError(f"{phase} {version}: lock {lock_uri} exists but is not a lock record "
                                    f"({current[:80]!r}); delete it if no other run of this phase is working")
-        why = stale_reason(holder)
+        why = stale_reason(holder, stale_after)
         if why is None:
             raise PhaseLockedError(
                 f"{phase} {version}: another run is working on this output and holds {lock_uri} "

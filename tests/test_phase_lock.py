@@ -153,7 +153,10 @@ def test_a_stale_lock_is_taken_over(tmp_path, caplog):
 def test_which_holders_are_stale():
     me = locks.holder_record("p", "v")
     assert locks.stale_reason(me) is None  # this very process
-    assert locks.stale_reason({**me, "host": me["host"] + "-elsewhere", "pid": 999_999_999}) is None  # never guessed
+    elsewhere = {**me, "host": me["host"] + "-elsewhere", "pid": 999_999_999}
+    assert locks.stale_reason(elsewhere) is None  # another host's live heartbeat: held
+    assert "no heartbeat from" in locks.stale_reason({**elsewhere, "heartbeat_at": me["heartbeat_at"] - 3600})
+    assert locks.stale_reason({k: v for k, v in elsewhere.items() if k != "heartbeat_at"}) is None
     assert "is a later process" in locks.stale_reason({**me, "pid_started": me["pid_started"] - 3600})
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -199,3 +202,17 @@ def test_the_filter_phase_takes_the_lock_before_it_cleans(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_holder_keeps_its_lock_alive_with_a_heartbeat():
+    fsspec_memory = pytest.importorskip("fsspec.implementations.memory")
+    fs = fsspec_memory.MemoryFileSystem()
+    backend = locks._FsspecBackend(fs, "/wurst-heartbeat-test/v1.lock")
+    lock = locks.acquire("memory://wurst-heartbeat-test/v1.lock", "download", "v1", backend=backend, heartbeat_s=0.02)
+    try:
+        first = json.loads(backend.read())["heartbeat_at"]
+        wait_for(lambda: json.loads(backend.read())["heartbeat_at"] != first, "a heartbeat")
+        assert json.loads(backend.read())["token"] == lock.record["token"]
+    finally:
+        lock.release()
+    assert backend.read() is None and not lock._thread.is_alive()
