@@ -71,6 +71,7 @@ class Route:
     content_type: str = "image/jpeg"
     delay_s: float = 0.0
     headers: tuple = ()
+    drip_s: float = 0.0  # > 0: the body one byte at a time, this long apart (a slow-drip server)
 
 
 class LoopbackServer:
@@ -96,7 +97,13 @@ class LoopbackServer:
                     for name, value in route.headers:
                         self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(route.body)
+                    if route.drip_s:
+                        for byte in route.body:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(route.drip_s)
+                    else:
+                        self.wfile.write(route.body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
@@ -309,7 +316,10 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
     faults = {
         "http_404": [main.url("/missing/a.jpg"), main.url("/missing/b.jpg")],
         "http_500": [main.add("/error.jpg", Route(500, b"boom", "text/plain"))],
-        "timeout": [main.add("/slow.jpg", Route(body=real, delay_s=3 * TIMEOUT_S))],
+        # A slow response, and a slow drip: one byte every half read-timeout, which only the URL's deadline
+        # (max_response_seconds below) ends.
+        "timeout": [main.add("/slow.jpg", Route(body=real, delay_s=3 * TIMEOUT_S)),
+                    main.add("/drip.jpg", Route(body=real, drip_s=TIMEOUT_S / 2))],
         "truncated_image": [main.add("/truncated.jpg", Route(body=real[: len(real) // 2]))],
         "not_an_image": [main.add("/page.jpg", Route(body=b"<!DOCTYPE html><html><body>no</body></html>",
                                                      content_type="text/html"))],
@@ -319,20 +329,22 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
                             decoy],
     }
     fault_urls = [u for group in faults.values() for u in group]
-    urls = [u for pair in zip(good_urls, fault_urls + [None] * 3) for u in pair if u]  # every shard mixed
+    urls = [u for pair in zip(good_urls, fault_urls + [None] * 2) for u in pair if u]  # every shard mixed
     input_dir = write_filter_output(str(tmp_path / "filtered" / "v1"), urls, rows_per_file=8)
     data_root = str(tmp_path / "data")
-    argv = ["--config", write_config(str(tmp_path / "download.yaml"), shard_size=7, data_root=data_root),
-            "--input", input_dir]
+    argv = ["--config", write_config(str(tmp_path / "download.yaml"), shard_size=8, data_root=data_root,
+                                     max_response_seconds=3 * TIMEOUT_S), "--input", input_dir]
 
     result = download.main(argv)
     report = result.details
 
     expected_failures = {reason: len(group) for reason, group in faults.items()}
-    assert report["input_rows"] == len(urls) == 21
+    assert report["input_rows"] == len(urls) == 22
     assert report["succeeded"] == len(good_urls)
     assert report["failures"] == expected_failures
     assert report["input_rows"] == report["succeeded"] + sum(report["failures"].values())
+    # The drip ended at the URL's deadline (every byte came within the read timeout).
+    assert any("max_response_seconds=3 s" in m for m in report["failure_examples"]["timeout"])
     assert report["shards"] == {"total": 3, "completed": 3, "resumed": 0, "failed": 0, "failed_shards": {}}
     assert second.hits.get("/decoy.jpg", 0) == 0, "the guard let a request through to 127.0.0.2"
     assert main.hits["/redirect.jpg"] == 1 and main.hits["/missing/a.jpg"] == 1
