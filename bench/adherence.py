@@ -4,7 +4,8 @@
     python bench/adherence.py [--data-root data] [--samples 48] [--steps-b 12] [--guidance-b 1]
 
 1. Stage A decoding the true Stage A latents of training samples (the decoder's ceiling);
-2. Stage B sampling from the true semantic latent + the caption's text states, decoded by Stage A;
+2. Stage B sampling from the true semantic latent + the caption's text states, decoded by Stage A (with a
+   compressor fine-tuned by Stage B: its latent of the stored pixels);
 3. Stage C sampling from the caption's text alone, then B and A (the whole chain), on training
    captions and on prompts whose combinations the training captions lack.
 Each row: accuracy per attribute against the caption, next to chance.
@@ -63,14 +64,27 @@ def main(argv=None) -> None:
     # The newest Stage B run's export, not the copy in the Stage C export (the Stage B of the day C trained).
     import stages
 
-    b_dir = export_layout.resolve_checkpoint(os.path.join(run_of(args.data_root, "b"), "export", "stage_b"))
+    b_run = run_of(args.data_root, "b")
+    b_dir = export_layout.resolve_checkpoint(os.path.join(b_run, "export", "stage_b"))
     models.stage_b = stages.load(b_dir, expected_kind="stage_b", device="cpu", dtype=torch.float32)
     models.check()
     record = json.load(open(os.path.join(c_export, export_layout.EXPORT_RECORD)))
-    latents = record["input"]
-    reader = LatentDataset(latents, ["caption", "text_emb", "semantic", "stage_a"], shuffle=True, seed=1,
-                           infinite=False, batch_size=args.samples)
+    latents = record["input"]  # Stage C's: text and semantic latents (of the fine-tuned compressor, if any)
+    # Links 1-2 read Stage B's input: with a fine-tuned compressor (semantic_compressor.train) the true semantic
+    # latent is that compressor's output on the stored pixels, as Stage B saw it in training.
+    b_input = json.load(open(os.path.join(b_run, "run.json")))["input"]
+    columns = json.load(open(os.path.join(b_input, "manifest.json")))["columns"]
+    compressor = None
+    if "semantic_image" in columns:
+        compressor = stages.load(export_layout.resolve_checkpoint(os.path.join(b_run, "export", "semantic")),
+                                 expected_kind="semantic", device="cpu", dtype=torch.float32)
+    wanted = ["caption", "text_emb", "stage_a", "semantic_image" if compressor is not None else "semantic"]
+    reader = LatentDataset(b_input, wanted, shuffle=True, seed=1, infinite=False, batch_size=args.samples)
     batch = next(iter(reader))
+    if compressor is not None:
+        with torch.no_grad():
+            images = batch["semantic_image"].float() / 255.0
+            batch["semantic"] = compressor.encode(images, size=tuple(images.shape[-2:]))
     captions = [c for c in batch["caption"]]
     keep = [i for i, c in enumerate(captions) if probe.is_demo_caption(c)]
     captions = [captions[i] for i in keep]

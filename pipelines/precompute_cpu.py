@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from pipelines import latent_shards, storage
+from pipelines import image_shards, latent_shards, storage
 from pipelines.image_shards import IMAGE_EXTENSIONS, iter_tar_samples
 from pipelines.phase import InputError
 
@@ -46,7 +46,8 @@ def decode_image(data: bytes, size: int, max_pixels: int | None = None) -> tuple
     header, before any pixel is decoded)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    # Only the formats shards hold: no plug-in (EPS runs Ghostscript) reaches untrusted bytes.
+    with Image.open(io.BytesIO(data), formats=image_shards.SHARD_IMAGE_FORMATS) as image:
         if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
             raise Image.DecompressionBombError(
                 f"{image.size[0]}x{image.size[1]} = {image.size[0] * image.size[1]} pixels > max_image_pixels {max_pixels}")
@@ -84,6 +85,9 @@ def _read_sample(key: str, parts: dict[str, bytes], size: int, max_pixels: int
                  ) -> tuple[dict, Optional[np.ndarray]]:
     """One tar sample -> (record, pixels or None). record has uid/caption, or reason/detail if skipped."""
     record: dict[str, Any] = {"key": key}
+    lost = image_shards.truncated_detail(parts)
+    if lost is not None:  # a sample the shard's truncated tar lost (image_shards.iter_tar_samples)
+        return {**record, "reason": image_shards.TRUNCATED_TAR, "detail": lost[:200]}, None
     if "json" not in parts:
         return {**record, "reason": "missing_json", "detail": f"no {key}.json"}, None
     try:

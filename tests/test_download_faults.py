@@ -249,3 +249,15 @@ def test_failure_examples_in_the_report_carry_no_url_credentials():
     assert succeeded == 1 and failures == {"http_403": 1}
     assert "SIG123" not in examples["http_403"][0] and "AKIAEXAMPLE" not in examples["http_403"][0]
     assert "b.s3.amazonaws.com/x.jpg" in examples["http_403"][0]
+
+
+def test_precompute_never_opens_an_eps_from_a_shard():
+    # An image shard is untrusted too (written elsewhere, or edited): precompute's decoder takes the shard formats.
+    from PIL import UnidentifiedImageError
+
+    from pipelines import precompute_cpu
+
+    with pytest.raises(UnidentifiedImageError):
+        precompute_cpu.decode_image(EPS, 32)
+    record, pixels = precompute_cpu._read_sample("k", {"json": b'{"uid": "u", "caption": "c"}', "jpg": EPS}, 32, 10**7)
+    assert pixels is None and record["reason"] == "decode_error"

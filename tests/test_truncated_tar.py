@@ -81,11 +81,12 @@ def test_precompute_decoding_does_not_fail_on_a_truncated_shard(shards):
     assert sum(m["input_samples"] for m in metas) == PER_SHARD  # nothing lost from the accounting
     decoded = sum(len(m["uids"]) for m in metas)
     skipped = [s for m in metas for s in m["skipped"]]
-    # Seven samples before the break decode; the cut one (its jpg read whole, its .txt cut, no .json) and the
-    # eight placeholders of the lost ones are counted skips. (Precompute names them by their missing .json
-    # until it maps image_shards.TRUNCATED_PART to its own reason.)
+    # Seven samples before the break decode; the cut one (its jpg read whole, its .txt cut, no .json) is a
+    # missing_json skip and the placeholders of the lost ones are truncated_tar skips.
     assert decoded == 7 and len(skipped) == PER_SHARD - 7
-    assert sum(1 for key, *_ in skipped if "/lost-" in key) == PER_SHARD - 8
+    lost = [s for s in skipped if "/lost-" in s[0]]
+    assert len(lost) == PER_SHARD - 8 and {s[2] for s in lost} == {"truncated_tar"}
+    assert {s[2] for s in skipped if "/lost-" not in s[0]} == {"missing_json"}
 
 
 def test_the_stage_a_reader_reads_a_truncated_shard(shards):

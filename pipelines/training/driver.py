@@ -253,9 +253,12 @@ def record_run(cfg: TrainConfig, plan: RunPlan, info: Optional[dict]) -> None:
         storage.makedirs(plan.run_dir)
         storage.write_json(storage.join(plan.run_dir, RUN_INFO), {
             "run_name": plan.run_name, "stage": cfg.stage, "mlflow_run_id": plan.mlflow_run_id,
-            "tracking_uri": plan.tracking_uri, "input": plan.input_uri,
+            # Credentials inside URIs never reach the run directory (config_lib.redact / redact_text).
+            "tracking_uri": config_lib.redact_text(plan.tracking_uri) if plan.tracking_uri else None,
+            "input": plan.input_uri,
             "input_identity": manifest_lib.input_identity(plan.input_uri), "weights_hash": weights_hash(cfg),
-            "config": strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES), "code_version": manifest_lib.code_version(),
+            "config": config_lib.redact(strip_keys(config_lib.to_dict(cfg), VERSION_EXCLUDES)),
+            "code_version": manifest_lib.code_version(),
             "start_step": plan.start_step,
         })
     manifest_lib.save_config(plan.run_dir, config_lib.to_dict(cfg))
