@@ -3,7 +3,8 @@
 1. draws the demo dataset (shapes + captions + LAION-format metadata; `pipelines.demo_data`);
 2. runs the workflow `configs/demo/workflow.yaml` on an embedded local Ray with MLflow in
    `<data_root>/mlflow.db`: filter -> download (from a loopback server the workflow starts) ->
-   encoders -> train Stage A -> precompute -> train Stage B and Stage C -> generate -> evaluate;
+   encoders -> train Stage A -> precompute -> train Stage B (fine-tuning the Semantic Compressor) ->
+   precompute_c (Stage C's latents from that compressor) -> train Stage C -> generate -> evaluate;
 3. prints where the generated grid, the funnel, the download report and the MLflow store are, the
    attribute probe's table (does the model follow its prompts?) and how to open the MLflow UI.
 
