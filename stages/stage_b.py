@@ -33,11 +33,9 @@ from stages.blocks import (
     sinusoidal_r_embedding,
 )
 from stages.diffusion import PREDICTIONS, eps_from_v
-from stages.stage_c import _PAPER_TEXT_WIDTH, _check_choice, _config_from_dict
-from stages.stage_c import StageCConfig as _StageCConfig
+from stages.stage_c import _check_choice, _config_from_dict
 
-_BLOCK_TYPES = "CTA"
-COND_INITS = _StageCConfig.COND_INITS  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
+_BLOCK_TYPES = "CTA"  # C: ConvNeXt ResBlock, T: TimestepBlock, A: attention block
 
 
 @dataclass
@@ -68,11 +66,6 @@ class StageBConfig:
     # error at t -> 1, where a small latent's layout is decided, weighs ~alpha_bar (1e-4): a short run
     # never learns it (BENCHMARKS.md, "demo prompt adherence"). diffusers' pipelines know only "eps".
     prediction: str = "eps"
-    # Init of the text mapper `clip_mapper` (not a diffusers key; see StageCConfig.cond_init). "official": std
-    # 0.02, a gain of 0.64 at the paper's CLIP-H width 1024 but 0.11 at the demo's 32, so a narrow Stage B
-    # starts with its text ~6x weaker than the paper's. "paper_gain": the paper's gain at any clip_embd (the same
-    # weights as "official" at 1024).
-    cond_init: str = "official"
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ("tiny", "paper")
 
@@ -101,7 +94,6 @@ class StageBConfig:
         if isinstance(self.dropout, list) and len(self.dropout) != levels:
             raise ValueError(f"StageBConfig.dropout list has {len(self.dropout)} entries, expected {levels}")
         _check_choice(self, "prediction", PREDICTIONS)
-        _check_choice(self, "cond_init", COND_INITS)
         _check_choice(self, "attention_dropout_on", ATTENTION_DROPOUT_ON)
         for level, (width, heads, n_blocks, kinds) in enumerate(
             zip(self.c_hidden, self.nhead, self.blocks, self.level_config)
@@ -254,10 +246,7 @@ class StageB(nn.Module):
         for mapper in self.effnet_mappers:
             if mapper is not None:
                 nn.init.normal_(mapper.weight, std=0.02)
-        text_std = 0.02
-        if self.config.cond_init == "paper_gain":
-            text_std *= math.sqrt(_PAPER_TEXT_WIDTH / self.config.clip_embd)
-        nn.init.normal_(self.clip_mapper.weight, std=text_std)
+        nn.init.normal_(self.clip_mapper.weight, std=0.02)
         nn.init.xavier_uniform_(self.embedding[1].weight, gain=0.02)
         nn.init.zeros_(self.clf[1].weight)
         residual_scale = math.sqrt(1.0 / sum(self.config.blocks))
