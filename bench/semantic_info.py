@@ -3,7 +3,8 @@
 demo images, trained on 70% and scored on the rest, next to chance. Stage B can only draw what this
 latent (or the text) tells it, and Stage C can only learn to predict what is in it.
 
-    python bench/semantic_info.py [--data-root data] [--resolution 96] [--images 1500]
+    python bench/semantic_info.py [--data-root data] [--resolution 96] [--images 1500] \
+        [--compressor data/runs/<stage B run>/export/semantic ...]
 
 Compares the compressor the demo's encoders phase wrote with the raw pixels average-pooled to the
 latent's grid (what a linear read-out gets from colour averages alone).
@@ -73,6 +74,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--resolution", type=int, default=96)
     parser.add_argument("--images", type=int, default=1500)
+    parser.add_argument("--compressor", action="append", default=[], metavar="DIR",
+                        help="also read out this compressor, e.g. a Stage B run's export/semantic (fine-tuned)")
     args = parser.parse_args(argv)
 
     import stages
@@ -84,6 +87,12 @@ def main(argv=None) -> None:
     with torch.no_grad():
         written = stages.load(semantic_dir).eval()
         rows["compressor as written (output BN calibrated)"] = written.encode(images, args.resolution)
+        for path in args.compressor:
+            from pipelines import export_layout
+
+            tuned = stages.load(export_layout.resolve_checkpoint(path), expected_kind="semantic").eval()
+            rows[f"compressor {os.path.basename(os.path.dirname(os.path.dirname(path.rstrip('/'))))[:40]}"] = \
+                tuned.encode(images, args.resolution)
         grid = rows["compressor as written (output BN calibrated)"].shape[-1]
         rows[f"pixels pooled to {grid}x{grid}"] = F.adaptive_avg_pool2d(
             F.interpolate(images, size=args.resolution, mode="bilinear", antialias=True), grid)
