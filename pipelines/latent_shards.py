@@ -258,17 +258,25 @@ def parquet_writer_options(schema) -> dict[str, Any]:
 
 
 def write_shard(uri: str, tables: Iterable[pa.Table], shapes: dict[str, list[int]], row_group_size: int,
-                stats: dict | None = None) -> int:
+                stats: dict | None = None, filesystem=None) -> int:
     """Stream tables into one shard file with row groups of exactly `row_group_size` rows (the last
-    may be shorter), `stats` as JSON in its footer; temp name + rename on local disk. Returns the
-    row count."""
+    may be shorter), `stats` as JSON in its footer. Written under a temporary name, then renamed: on an
+    object store too, where a failed stream would otherwise still publish what it had written under the
+    final name when it is closed (a rerun would count that shard as done). Returns the row count.
+    `filesystem`: the pyarrow filesystem of a remote `uri` (default: resolved from it)."""
     schema = tensor_schema(shapes)
     metadata = {STATS_KEY: json.dumps(stats).encode()} if stats is not None else {}
-    fs, path = storage.resolve(uri)
-    local = storage.local_path(uri)
-    target = f"{os.path.dirname(local)}/.{os.path.basename(local)}.tmp-{os.getpid()}" if local else path
+    if filesystem is not None:  # no resolving: for s3:// that would ask the endpoint for the bucket's region
+        fs, path, local = filesystem, uri.split("://", 1)[-1], None
+    else:
+        fs, path = storage.resolve(uri)
+        local = storage.local_path(uri)
     if local:
+        target = f"{os.path.dirname(local)}/.{os.path.basename(local)}.tmp-{os.getpid()}"
         os.makedirs(os.path.dirname(local), exist_ok=True)
+    else:
+        head, _, name = path.rpartition("/")
+        target = f"{head}/.{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     schema = schema.with_metadata(metadata)
     rows = 0
     pending: list = []
@@ -300,9 +308,16 @@ def write_shard(uri: str, tables: Iterable[pa.Table], shapes: dict[str, list[int
             flush(final=True)
         if local:
             os.replace(target, local)
+        else:
+            fs.move(target, path)  # S3: copy + delete; the final key appears complete or not at all
     except BaseException:
         if local and os.path.exists(target):
             os.unlink(target)
+        elif not local:
+            try:
+                fs.delete_file(target)
+            except OSError:
+                pass  # nothing (or only an unfinished upload) was left under the temporary key
         raise
     return rows
 

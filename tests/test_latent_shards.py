@@ -344,3 +344,44 @@ def test_assemble_refuses_pieces_out_of_order(latents):
     pieces[0], pieces[1] = pieces[1], pieces[0]
     with pytest.raises(LatentDatasetError, match="pieces arrived out of order"):
         list(ds.assemble(pieces))
+
+
+def test_a_storage_failure_mid_write_publishes_no_shard_on_an_object_store():
+    """Issue 22: on an object store a stream that fails is still closed, which publishes what it had (S3
+    completes the multipart upload). write_shard writes a temporary key and renames it only once complete."""
+    fsspec_memory = pytest.importorskip("fsspec.implementations.memory")
+    import pyarrow.fs as pafs
+
+    class FailingMemory(fsspec_memory.MemoryFileSystem):
+        """An in-memory object store (closing a file publishes it) whose writes fail after `budget` bytes."""
+        budget = 0
+
+        def _open(self, path, mode="rb", **kwargs):
+            handle = super()._open(path, mode, **kwargs)
+            if "w" in mode and FailingMemory.budget:
+                write, left = handle.write, [FailingMemory.budget]
+
+                def failing_write(data):
+                    left[0] -= len(data)
+                    if left[0] < 0:
+                        raise OSError("injected storage failure in the middle of a write")
+                    return write(data)
+                handle.write = failing_write
+            return handle
+
+    memory = FailingMemory()
+    memory.store.clear()
+    store = pafs.PyFileSystem(pafs.FSSpecHandler(memory))
+    rows = 40
+    values = np.arange(rows * 6, dtype=np.float16).reshape(rows, 3, 2)
+    shapes = {"text_emb": [3, 2]}
+    table = ld.shard_table([f"k{i}" for i in range(rows)], [f"u{i}" for i in range(rows)], ["c"] * rows,
+                           {"text_emb": values.tobytes()}, shapes)
+    uri = "s3://bucket/latents/v1/shard-00000.parquet"  # never resolved: the injected store is used
+    FailingMemory.budget = 300
+    with pytest.raises(OSError, match="injected storage failure"):
+        ld.write_shard(uri, [table], shapes, 8, {"written": rows}, filesystem=store)
+    assert memory.find("/bucket") == []  # no final object, and the temporary one is gone
+    FailingMemory.budget = 0
+    assert ld.write_shard(uri, [table], shapes, 8, {"written": rows}, filesystem=store) == rows
+    assert [p.rsplit("/", 1)[1] for p in memory.find("/bucket")] == ["shard-00000.parquet"]

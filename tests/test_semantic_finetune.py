@@ -190,3 +190,4 @@ def test_start_up_checks_name_the_column_and_the_ratio(image_latents):
     with pytest.raises(ConfigError, match="semantic latents \\[16, 3, 3\\] and Stage A latents \\[4, 64, 64\\]"):
         spec.check_latent_ratio({"semantic": spec.semantic_shape(config, {"semantic_image": [3, 96, 96]}),
                                  "stage_a": [4, 64, 64]}, root)
+
