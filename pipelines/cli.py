@@ -19,10 +19,11 @@ COMMANDS = {
     "precompute": ("pipelines.precompute", "text embeddings and image latents, once, into shards"),
     "train": ("pipelines.train", "train Stage A, B or C with DeepSpeed under Ray Train"),
     "generate": ("pipelines.generate", "images: text -> Stage C -> Stage B -> Stage A"),
+    "evaluate": ("pipelines.evaluate", "an export's images scored: attribute probe, FID, CLIP score, in MLflow"),
     "doctor": ("pipelines.doctor", "versions, accelerator and the Ray cluster, logged to MLflow"),
     "workflow": ("pipelines.workflow", "run the phases of a workflow config in order (--submit: as Ray jobs)"),
     "demo": ("pipelines.demo", "the whole workflow on the built-in dataset (= make demo)"),
-    "cluster": ("cluster.__main__", "a local Ray cluster: up | status | env | down"),
+    "cluster": ("cluster.__main__", "a local Ray cluster: up | status | env | down; render: deployment files"),
 }
 
 
