@@ -25,8 +25,9 @@ from pipelines.config import ConfigError
 PYTHON = sys.executable
 
 
-def _status(url: str, auth: tuple[str, str] | None = None) -> int:
-    req = urllib.request.Request(url)
+def _status(url: str, auth: tuple[str, str] | None = None, host: str | None = None) -> int:
+    """The HTTP status of a GET (the server's answer, errors included); `host`: the Host header to send."""
+    req = urllib.request.Request(url, headers={"Host": host} if host else {})
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
     try:
@@ -298,14 +299,7 @@ def test_the_kubernetes_mlflow_manifest_serves_with_auth(postgres, tmp_path):
     search = "/api/2.0/mlflow/experiments/search?max_results=1"
 
     def status(host: str, auth=None) -> int:
-        req = urllib.request.Request(url + search, headers={"Host": host})
-        if auth:
-            req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return _status(url + search, auth, host=host)
 
     try:
         while not local._http_ok(f"{url}/health"):
