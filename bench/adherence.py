@@ -5,7 +5,8 @@
 
 1. Stage A decoding the true Stage A latents of training samples (the decoder's ceiling);
 2. Stage B sampling from the true semantic latent + the caption's text states, decoded by Stage A (with a
-   compressor fine-tuned by Stage B: its latent of the stored pixels);
+   compressor fine-tuned by Stage B: its latent of the stored pixels); then with the empty caption instead
+   (does Stage B use its text at all?);
 3. Stage C sampling from the caption's text alone, then B and A (the whole chain), on training
    captions and on prompts whose combinations the training captions lack.
 Each row: accuracy per attribute against the caption, next to chance.
@@ -100,6 +101,12 @@ def main(argv=None) -> None:
                                           shape=tuple(stage_a_latents.shape), timesteps=args.steps_b,
                                           guidance=args.guidance_b, generator=generator)
         rows["2 Stage B from the true semantic latent + text"] = probe.score(
+            to_pil(models.stage_a.decode(sampled).clamp(0, 1)), captions)
+        # The same with the empty caption: equal rows mean Stage B draws from the latent alone, ignoring its text.
+        sampled = sampling.sample_stage_b(models.stage_b, batch["semantic"][keep].float(), uncond, uncond,
+                                          shape=tuple(stage_a_latents.shape), timesteps=args.steps_b,
+                                          guidance=args.guidance_b, generator=torch.Generator().manual_seed(0))
+        rows["2 ... with the empty caption instead of the text"] = probe.score(
             to_pil(models.stage_a.decode(sampled).clamp(0, 1)), captions)
         size = int(stage_a_latents.shape[-1]) * models.stage_a.config.downscale
         settings = dict(models=models, height=size, width=size, steps_c=args.steps_c, steps_b=args.steps_b,
