@@ -159,3 +159,15 @@ def keep_best(table: pa.Table) -> DedupResult:
     group_head = np.flatnonzero(first)[np.cumsum(first)[dup_positions] - 1]
     return DedupResult(kept=kept, removed_rows=order_np[dup_positions].astype(np.int64),
                        kept_rows_for_removed=order_np[group_head].astype(np.int64))
+
+
+def spread_order(table: pa.Table) -> pa.Table:
+    """The rows in a deterministic pseudo-random order: by a hash of their uid (then uid, for equal hashes).
+    `keep_best` returns rows sorted by normalised URL, i.e. grouped by host; a download shard cut from such a
+    part would send all its threads to one host (rate limits, bans). Ordered by uid hash, a host's rows spread
+    over the shards as they spread over the input, and the order never depends on bucketing or arrival."""
+    if table.num_rows < 2:
+        return table
+    keyed = pa.table({"hash": pa.array(hashing.hash64(table.column("uid")), pa.uint64()), "uid": table.column("uid")})
+    order = pc.sort_indices(keyed, sort_keys=[("hash", "ascending"), ("uid", "ascending")])
+    return table.take(order)

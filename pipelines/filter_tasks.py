@@ -396,9 +396,8 @@ def dedup_bucket(row: dict[str, Any], ctx: StageContext, out_uri: str) -> dict[s
             storage.makedirs(storage.join(out_uri, "duplicates"))
             pq.write_table(result.duplicates(table), storage.resolve(dup_uri)[1], filesystem=fs)
         table = result.kept
-    else:
-        table = table.sort_by(dedup.SOURCE_POSITION)
-    output = table.drop_columns([dedup.SOURCE_POSITION])
+    # Hosts spread over the download's shards (kept rows come grouped by normalised URL, i.e. by host).
+    output = dedup.spread_order(table.drop_columns([dedup.SOURCE_POSITION]))
     part = None
     if output.num_rows:
         part = part_name(bucket)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_filters import schema
+from data_filters import dedup, schema
 from pipelines import config as config_lib
 from pipelines import filter as filter_phase
 from pipelines import filter_tasks
@@ -234,6 +234,10 @@ def test_phase_matches_reference_and_logs_mlflow(embedded_ray, laion_dir, tmp_pa
     table = read_output(out_dir)
     assert set(table.column("uid").to_pylist()) == expected_uids
     assert table.num_rows == funnel["rows_written"] == len(expected_uids)
+    # Each part is in uid-hash order (hosts spread over the download's shards), not grouped by URL.
+    for part in sorted(f for f in os.listdir(out_dir) if f.startswith("part-")):
+        written_part = pq.read_table(os.path.join(out_dir, part))
+        assert written_part.num_rows > 1 and written_part.equals(dedup.spread_order(written_part)), part
     assert table.schema == schema.output_schema(include_language=True)  # the V2 file has LANGUAGE
     assert not os.path.exists(os.path.join(out_dir, filter_phase.TMP_DIR))
 

@@ -333,3 +333,31 @@ def test_null_urls_are_never_duplicates():
     assert dedup.keep_best(t).kept.num_rows == 3
 
 
+
+
+def _longest_host_run(urls: list[str]) -> int:
+    hosts = [u.split("/")[2] for u in urls]
+    longest = run = 1
+    for a, b in zip(hosts, hosts[1:]):
+        run = run + 1 if a == b else 1
+        longest = max(longest, run)
+    return longest
+
+
+def test_kept_rows_are_spread_over_hosts_in_a_uid_hash_order():
+    """Issue 19: keep_best returns rows grouped by normalised URL, i.e. by host; a download shard cut from that
+    sends every thread to one host. spread_order puts them in a uid-hash order that spreads the hosts."""
+    rng = random.Random(0)
+    urls = [f"http://host-{h}.example.com/img/{rng.randrange(10**9)}.jpg" for h in range(4) for _ in range(150)]
+    rng.shuffle(urls)  # the input interleaves hosts
+    table = pa.table({"URL": urls, "TEXT": [f"a caption {i}" for i in range(600)],
+                      "aesthetic": [6.0] * 600, "uid": [f"uid-{i:04d}" for i in range(600)]})
+    kept = dedup.keep_best(table).kept
+    assert _longest_host_run(kept.column("URL").to_pylist()) == 150  # the failure mode: one host at a time
+    spread = dedup.spread_order(kept)
+    assert _longest_host_run(spread.column("URL").to_pylist()) <= 10
+    assert sorted(spread.column("uid").to_pylist()) == sorted(table.column("uid").to_pylist())
+    # Deterministic: a function of the uids alone, whatever order the rows come in.
+    assert dedup.spread_order(kept.take(pa.array(np.arange(599, -1, -1)))).equals(spread)
+    hashes = hashing.hash64(spread.column("uid"))
+    assert (np.diff(hashes.astype(np.float64)) >= 0).all()
