@@ -37,6 +37,18 @@ def _status(url: str, auth: tuple[str, str] | None = None, host: str | None = No
         return exc.code
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """A server started in its own process group: SIGTERM, then SIGKILL after 20 s."""
+    from cluster import local
+
+    local._kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        local._kill_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
 # ---------------------------------------------------------------- options, files (no server)
 
 def test_password_in_a_command_line_store_uri_is_refused(tmp_path):
@@ -151,12 +163,7 @@ def test_server_on_postgres_refuses_anonymous_requests_and_takes_runs_with_crede
         client.log_metric(run.info.run_id, "loss", 0.5)
         assert postgres.query("mlflow_server_only", "SELECT key, value FROM metrics") == [("loss", 0.5)]
     finally:
-        local._kill_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            local._kill_group(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        _stop(proc)
     assert server.client_env["MLFLOW_TRACKING_PASSWORD"] not in open(log).read()
 
 
@@ -312,10 +319,5 @@ def test_the_kubernetes_mlflow_manifest_serves_with_auth(postgres, tmp_path):
         assert status(f"{name}:5000", creds) == 200
         assert status("evil.example.com:5000", creds) in (400, 403)  # the DNS-rebinding guard is on
     finally:
-        local._kill_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            local._kill_group(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        _stop(proc)
     assert postgres.query("mlflow_k8s", "SELECT username FROM users") == [("admin",)]
