@@ -4,8 +4,9 @@ One module for both sides, so the writer and the reader cannot drift apart: the 
 parquet options, the shard writer (exact row groups, temp name + rename), the per-shard stats in each
 file's footer, the empty caption's embedding file, and the reader. No torch at import: the phase's CPU
 tasks import this module (`LatentDataset` is made on first use, see `pipelines.lazy_dataset`).
-Longer than 500 lines: the writer and the reader of one format, with the reader's exact ordering
-contract and its split between loader workers (read) and the training process (assemble), kept together.
+Longer than 500 lines: (~760) the writer and the reader of one format (tensor and image columns), with
+the reader's exact ordering contract and its split between loader workers (read) and the training process
+(assemble), kept together so that the two sides of the format cannot drift apart.
 
 Format: ``shard-NNNNN.parquet`` files with string columns ``key``, ``uid``, ``caption`` (zstd,
 dictionary) and float16 tensor columns stored as flat fixed-size lists (PLAIN, uncompressed, the
@@ -193,13 +194,13 @@ def encode_image(pixels: np.ndarray, encoding: str) -> bytes:
     return buffer.getvalue()
 
 
-def decode_images(blobs: Sequence[bytes], shape: tuple[int, ...], out: np.ndarray, source: str) -> None:
+def decode_images(blobs: Sequence[bytes], encoding: str, shape: tuple[int, ...], out: np.ndarray, source: str) -> None:
     """Encoded images of one column -> `out` (n, *shape) uint8; a wrong size or mode is an error naming
-    `source`."""
+    `source`. Only the column's own format is opened (no other PIL plug-in sees the bytes)."""
     from PIL import Image
 
     for i, blob in enumerate(blobs):
-        with Image.open(io.BytesIO(blob), formats=["PNG", "JPEG", "WEBP"]) as image:
+        with Image.open(io.BytesIO(blob), formats=[encoding.upper()]) as image:
             array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         if array.shape != (shape[1], shape[2], shape[0]):
             raise LatentDatasetError(f"{source}: an image of {array.shape[1]}x{array.shape[0]} where the manifest "
@@ -601,7 +602,8 @@ class LatentShardReader:
             if name in IMAGE_COLUMNS:  # decoded here, in the loader's worker
                 tensor = _shared_tensor(shape, self.dtypes[name]) if shared else None
                 values = tensor.numpy() if shared else np.empty(shape, dtype=self.dtypes[name])
-                decode_images(column.to_pylist(), self.shapes[name], values, f"{path} row group {group}")
+                decode_images(column.to_pylist(), IMAGE_COLUMNS[name], self.shapes[name], values,
+                              f"{path} row group {group}")
                 columns[name] = tensor if shared else values
                 continue
             values = column.flatten().to_numpy(zero_copy_only=False).reshape(shape)
@@ -648,7 +650,7 @@ class LatentShardReader:
                           else np.empty(size, dtype=object) for name in self.columns}
 
         def allocate(rows: int) -> dict[str, Any]:
-            return {name: torch.empty((rows,) + self.shapes[name], dtype=getattr(torch, _TORCH_DTYPES[self.dtypes[name].name]),
+            return {name: torch.empty((rows,) + self.shapes[name], dtype=getattr(torch, self.dtypes[name].name),
                                       pin_memory=pin_memory)
                     if name in self.shapes else np.empty(rows, dtype=object) for name in self.columns}
 
@@ -748,14 +750,11 @@ class LatentPieceReader:
         return self.reader.read_pieces(info.id, info.num_workers, shared=True)
 
 
-_TORCH_DTYPES = {"float16": "float16", "uint8": "uint8"}
-
-
 def _shared_tensor(shape: tuple[int, ...], dtype):
     """An uninitialised float16 / uint8 tensor in shared memory (what torch's collate makes in a worker)."""
     import torch
 
-    kind = getattr(torch, _TORCH_DTYPES[np.dtype(dtype).name])
+    kind = getattr(torch, np.dtype(dtype).name)  # numpy and torch name float16 / uint8 alike
     numel = int(np.prod(shape))
     storage = torch.empty(0, dtype=kind)._typed_storage()._new_shared(numel, device="cpu")
     return torch.empty(0, dtype=kind).new(storage).view(shape)

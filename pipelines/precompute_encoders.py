@@ -148,42 +148,38 @@ class Encoders:
                 self.models[name] = stages.load(storage.local_copy(spec[name]), expected_kind=name, device=self.device,
                                                 dtype=self.dtype)
 
-    def _images(self, pixels: np.ndarray, size: int):
+    def _resized(self, pixels: np.ndarray, size: int):
+        """(n, R, R, 3) uint8 -> (n, 3, size, size) float32 in [0, 1] on the device."""
         torch = self.torch
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[-1] != size:
             # Resize in float32: antialiased interpolation has no bfloat16 CPU kernel.
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False)
-        return x.to(self.dtype)
+        return x
 
     def encode(self, captions: list[str], pixels: np.ndarray | None) -> dict[str, np.ndarray]:
-        """(n captions, n x R x R x 3 uint8) -> {output name: (n, ...) float16}."""
+        """(n captions, n x R x R x 3 uint8) -> {output name: (n, ...) float16; semantic_image: uint8}."""
         torch = self.torch
         out = {}
         with torch.inference_mode():
             if "text" in self.models:
                 out["text_emb"] = self.models["text"].encode(captions)
+            semantic_input = None
+            if "semantic" in self.models or "semantic_image" in self.spec["outputs"]:
+                semantic_input = self._resized(pixels, self.spec["semantic_resolution"])
             if "semantic" in self.models:
-                size = self.spec["semantic_resolution"]
-                out["semantic"] = self.models["semantic"].encode(self._images(pixels, size), size=size)
+                out["semantic"] = self.models["semantic"].encode(semantic_input.to(self.dtype),
+                                                                 size=self.spec["semantic_resolution"])
             if "stage_a" in self.models:
-                out["stage_a"] = self.models["stage_a"].encode(self._images(pixels, self.spec["stage_a_resolution"]))
+                out["stage_a"] = self.models["stage_a"].encode(
+                    self._resized(pixels, self.spec["stage_a_resolution"]).to(self.dtype))
             out = {k: v.to(torch.float16).cpu().numpy() for k, v in out.items()}
             if "semantic_image" in self.spec["outputs"]:
-                out["semantic_image"] = self.compressor_pixels(pixels)
+                # The compressor's input, rounded: the very resize `semantic` encodes (before ImageNet
+                # normalisation), so a compressor fine-tuned on it sees what the semantic precompute encodes.
+                out["semantic_image"] = semantic_input.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
             return out
-
-    def compressor_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """The Semantic Compressor's input as (n, 3, R, R) uint8: the float32 resize `semantic` encodes
-        (before ImageNet normalisation), rounded."""
-        torch = self.torch
-        size = self.spec["semantic_resolution"]
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
     def probe(self) -> dict:
         """Output shapes (from one blank image) and the empty caption's embedding."""

@@ -84,7 +84,7 @@ def test_blob_packing_and_bad_image_sizes(image_latents, tmp_path):
     assert ld.unpack_blobs(ld.pack_blobs(blobs)) == blobs
     assert ld.unpack_blobs(ld.pack_blobs([])) == []
     with pytest.raises(ld.LatentDatasetError, match="an image of 16x16 where the manifest says 32x32"):
-        ld.decode_images([ld.encode_image(np.zeros((3, 16, 16), np.uint8), "png")], (3, 32, 32),
+        ld.decode_images([ld.encode_image(np.zeros((3, 16, 16), np.uint8), "png")], "png", (3, 32, 32),
                          np.empty((1, 3, 32, 32), np.uint8), "shard-x")
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from pipelines import image_shards, storage
 from pipelines.config import ConfigError
 from pipelines.generate import GenerationModels, generate_images, to_pil
+from pipelines.precompute import SEMANTIC_STRIDE
 from pipelines.training import periodic_eval
 from pipelines.training.config import DataConfig, PerceptualConfig, TrainConfig
 from pipelines.training.diffusion import DiffusionRunner, StageBCompressorRunner
@@ -399,9 +400,6 @@ class StageBCompressorSpec(StageBSpec):
     def validation_loss(self, model, batch, *, t, noise):
         return super().validation_loss(model, {**batch, "semantic": self.semantic_of(model, batch, noise.device)},
                                        t=t, noise=noise)
-
-
-SEMANTIC_STRIDE = 32  # the EfficientNet trunks downsample by 32 (as pipelines.precompute.SEMANTIC_STRIDE)
 
 
 # --------------------------------------------------------------------------------------------
