@@ -132,9 +132,13 @@ def validation_file(shard_file: str) -> str:
 
 
 def split_shards(manifest: dict, split: str) -> list[dict] | None:
-    """The manifest's shard entries of `split`; None for "validation" in a dataset without that split."""
+    """The manifest's shard entries of `split` (of every bucket, in bucket order, for a bucketed dataset);
+    None for "validation" in a dataset without that split."""
     if split not in SPLITS:
         raise LatentDatasetError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+    if is_bucketed(manifest):
+        entries = [split_shards(bucket_manifest(manifest, b["name"]), split) for b in manifest["buckets"]]
+        return None if any(e is None for e in entries) else [s for e in entries for s in e]
     if split == "train":
         return manifest.get("shards")
     validation = manifest.get("validation")
@@ -144,6 +148,53 @@ def split_shards(manifest: dict, split: str) -> list[dict] | None:
 def split_samples(manifest: dict, split: str) -> int:
     """Samples in `split` (0 for a validation split the dataset does not have)."""
     return sum(int(s["rows"]) for s in split_shards(manifest, split) or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: a bucketed dataset is one sub-dataset per bucket (its own shapes and shard files,
+# ``<bucket>/shard-NNNNN.parquet``), listed under the manifest's ``buckets``.
+
+
+def bucket_name(height: int, width: int) -> str:
+    """A bucket's name: its Stage A input size in pixels, height x width."""
+    return f"{int(height)}x{int(width)}"
+
+
+def is_bucketed(manifest: dict) -> bool:
+    return isinstance(manifest.get("buckets"), list)
+
+
+def bucket_names(manifest: dict) -> list[str | None]:
+    """The buckets of a dataset in manifest order; [None] for an unbucketed one (one square size)."""
+    return [b["name"] for b in manifest["buckets"]] if is_bucketed(manifest) else [None]
+
+
+def bucket_manifest(manifest: dict, bucket: str | None) -> dict:
+    """The manifest of one bucket as an unbucketed dataset's (``columns``, ``shards``, ``validation``,
+    ``row_group_size``): what a reader of that bucket reads. `bucket` None: the dataset must be unbucketed."""
+    if not is_bucketed(manifest):
+        if bucket is not None:
+            raise LatentDatasetError(f"bucket {bucket!r}: this latent dataset has no aspect-ratio buckets")
+        return manifest
+    by_name = {b["name"]: b for b in manifest["buckets"]}
+    if bucket not in by_name:
+        raise LatentDatasetError(f"bucket {bucket!r}: the dataset's buckets are {', '.join(by_name)}"
+                                 if bucket is not None else
+                                 f"this latent dataset has aspect-ratio buckets ({', '.join(by_name)}): read it with "
+                                 "pipelines.latent_buckets.open_reader, or name a bucket")
+    entry = by_name[bucket]
+    validation = manifest.get("validation")
+    sub = {k: v for k, v in manifest.items() if k not in ("buckets", "columns", "shards", "validation")}
+    sub.update(columns=entry["columns"], shards=entry["shards"])
+    if isinstance(validation, dict):
+        sub["validation"] = {**{k: v for k, v in validation.items() if k != "shards"},
+                             **(entry.get("validation") or {"samples": 0, "shards": []})}
+    return sub
+
+
+def column_shapes(manifest: dict) -> dict[str | None, dict[str, dict]]:
+    """{bucket (None when unbucketed): {column: its manifest entry (shape, dtype)}}."""
+    return {name: bucket_manifest(manifest, name).get("columns") or {} for name in bucket_names(manifest)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,7 +425,7 @@ class LatentShardReader:
     def __init__(self, uri: str, columns: Sequence[str], rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_offset: int = 0, epoch: int = 0, infinite: bool = True, batch_size: int | None = None,
                  shuffle: bool = True, shuffle_window: int = 1024, drop_last: bool = False,
-                 open_files: int = 8, split: str = "train"):
+                 open_files: int = 8, split: str = "train", bucket: str | None = None):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise LatentDatasetError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
@@ -387,7 +438,8 @@ class LatentShardReader:
         if shuffle_window < 1:
             raise LatentDatasetError(f"shuffle_window must be >= 1, got {shuffle_window}")
         self.uri = storage.normalize(uri)
-        self.manifest = manifest_lib.read(self.uri)
+        self.bucket = bucket
+        self.manifest = bucket_manifest(manifest_lib.read(self.uri), bucket)  # one bucket's, when bucketed
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_offset, self.epoch, self.infinite = start_offset, epoch, infinite
         self.batch_size, self.shuffle, self.shuffle_window = batch_size, shuffle, shuffle_window
@@ -556,6 +608,21 @@ class LatentShardReader:
             if not self.infinite:
                 return
             epoch, in_epoch = epoch + 1, 0
+
+    def keyed_pieces(self) -> Iterator[tuple[int, Piece]]:
+        """(stream position, piece): the pieces in plan order, each with the number of stream samples (from
+        the offset) yielded before the consumer fills the window that first needs it, as `_assemble` pulls
+        them (a bucketed reader merges several readers' pieces by it)."""
+        plan = self._piece_plan()
+        upcoming = next(plan, None)
+        position = 0
+        for epoch, _, first, stop, skip in self._windows():
+            while upcoming is not None and (upcoming.epoch, upcoming.start) < (epoch, stop):
+                yield position, upcoming
+                upcoming = next(plan, None)
+            if upcoming is None:
+                return
+            position += stop - first - skip
 
     def blocks_per_window(self) -> int:
         """The most pieces one window takes (its blocks, plus one at an unaligned edge): what a loader

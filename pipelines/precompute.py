@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -56,8 +57,9 @@ from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
 from pipelines.phase import Context, Outcome, Phase, PhaseResult, module_cli
-from pipelines.precompute_cpu import PARTS_DIR, PrecomputeError, decode_shard, finalize_shard, write_chunk
-from pipelines.precompute_encoders import ChunkEncoder, compute_probe, encoder_sources, encoder_spec
+from pipelines.precompute_cpu import (PARTS_DIR, SHARD_STATS_DIR, PrecomputeError, decode_shard, finalize_shard,
+                                     shard_stats_file, write_chunk)
+from pipelines.precompute_encoders import ChunkEncoder, compute_probe, encoder_sources, encoder_spec, image_outputs
 from pipelines.runtime import RayConfig, default_data_root
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,11 @@ class PrecomputeConfig:
     precision: str = param("bfloat16", choices=list(PRECISIONS))
     # PIL's decompression-bomb limit (pixels); larger images are skipped as `decompression_bomb`.
     max_image_pixels: int = param(178_956_970, ge=1)
+    # Aspect-ratio buckets: [height, width] Stage A input sizes of about stage_a_resolution**2 pixels (paper
+    # 1024 px: [1024, 1024], [896, 1152], [1152, 896], [768, 1280], [1280, 768]). Each image goes to the bucket
+    # nearest its aspect ratio, is center-cropped to it and written at its shapes (<bucket>/shard-NNNNN.parquet;
+    # the semantic input scaled by semantic_resolution / stage_a_resolution). null: one square size.
+    buckets: Optional[list[list[int]]] = None
     # Rows per parquet row group: the reader's unit of reading and of block shuffling.
     row_group_size: int = param(256, ge=1)
     # Share of the samples held out as the validation split, chosen by a hash of the uid (see
@@ -138,6 +145,56 @@ class PrecomputeConfig:
                               f"got {self.semantic_resolution}")
         if self.stage_a_resolution % 4:
             raise ConfigError(f"stage_a_resolution: must be a multiple of 4 (Stage A is f4), got {self.stage_a_resolution}")
+        if self.buckets is not None:
+            self._validate_buckets()
+
+    def _validate_buckets(self) -> None:
+        if not self.buckets:
+            raise ConfigError("buckets: list at least one [height, width] (or null for one square size)")
+        if not any(o in self.outputs for o in ("semantic", "stage_a", "semantic_image")):
+            raise ConfigError("buckets: need an image output (semantic, stage_a or semantic_image)")
+        semantic = any(o in self.outputs for o in ("semantic", "semantic_image"))
+        area = self.stage_a_resolution ** 2
+        seen = set()
+        for i, size in enumerate(self.buckets):
+            key = f"buckets[{i}]"
+            if len(size) != 2 or min(size) < 1:
+                raise ConfigError(f"{key}: expected [height, width] of positive ints, got {size}")
+            if tuple(size) in seen:
+                raise ConfigError(f"{key}: {size} is listed twice")
+            seen.add(tuple(size))
+            for side, name in zip(size, ("height", "width")):
+                if side % 4:
+                    raise ConfigError(f"{key}: {name} {side} is not a multiple of 4 (Stage A is f4)")
+                if semantic and (side * self.semantic_resolution) % (self.stage_a_resolution * SEMANTIC_STRIDE):
+                    step = self.stage_a_resolution * SEMANTIC_STRIDE // math.gcd(self.stage_a_resolution * SEMANTIC_STRIDE,
+                                                                                  self.semantic_resolution)
+                    raise ConfigError(
+                        f"{key}: {name} {side} x semantic_resolution / stage_a_resolution ({self.semantic_resolution} / "
+                        f"{self.stage_a_resolution}) is not a multiple of {SEMANTIC_STRIDE} px (the compressor's "
+                        f"stride): {name}s must be multiples of {step}")
+            if not 0.75 <= size[0] * size[1] / area <= 1.25:
+                raise ConfigError(f"{key}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, not within 25% of "
+                                  f"stage_a_resolution**2 = {area} (buckets share one pixel budget)")
+
+    def bucket_sizes(self) -> list[dict]:
+        """Per bucket: name, and the [height, width] of its Stage A input, semantic input and decoded pixels
+        (the larger of the two the outputs need). Unbucketed: one square bucket named None."""
+        sizes = self.buckets or [[self.stage_a_resolution, self.stage_a_resolution]]
+        images = image_outputs(self)
+        out = []
+        for height, width in sizes:
+            stage_a = [height, width]
+            semantic = [height * self.semantic_resolution // self.stage_a_resolution,
+                        width * self.semantic_resolution // self.stage_a_resolution]
+            if not self.buckets:
+                semantic = [self.semantic_resolution] * 2
+            needed = ([stage_a] if "stage_a" in images else []) + \
+                ([semantic] if {"semantic", "semantic_image"} & set(images) else [])
+            decode = max(needed, key=lambda s: s[0] * s[1]) if needed else [0, 0]
+            out.append({"name": latent_shards.bucket_name(height, width) if self.buckets else None,
+                        "stage_a": stage_a, "semantic": semantic, "decode": decode})
+        return out
 
 
 # Settings that do not change the output. Encoder paths are replaced by their content hashes.
@@ -163,6 +220,8 @@ def version_tree(cfg: PrecomputeConfig) -> dict:
     tree = config_lib.to_dict(cfg)
     for key in VERSION_EXCLUDE:
         tree.pop(key, None)
+    if tree.get("buckets") is None:
+        tree.pop("buckets", None)  # one square size: the version of a dataset written before buckets existed
     if not tree.get("validation_fraction"):
         # No split: the output is the same as before the split existed, so it keeps that version.
         tree.pop("validation_fraction", None)
@@ -181,6 +240,28 @@ def shard_name(tar_uri: str) -> str:
 # Driver
 
 
+def bucket_names(cfg: PrecomputeConfig) -> list[str] | None:
+    return [b["name"] for b in cfg.bucket_sizes()] if cfg.buckets else None
+
+
+def _finished_shards(cfg: PrecomputeConfig, out_dir: str) -> set[str]:
+    if cfg.buckets:  # a bucketed shard is done when its counts file is
+        stats_dir = storage.join(out_dir, SHARD_STATS_DIR)
+        return {storage.basename(f)[:-len(".json")] for f in storage.list_files(stats_dir, suffix=".json")} \
+            if storage.exists(stats_dir) else set()
+    return {storage.basename(f)[:-len(".parquet")] for f in storage.list_files(out_dir, suffix=".parquet")}
+
+
+def _shard_files(cfg: PrecomputeConfig, out_dir: str, name: str) -> list[str]:
+    """Every file a shard writes (for clearing what a killed run left of an unfinished shard)."""
+    files = [storage.join(out_dir, PARTS_DIR, name)]
+    for bucket in bucket_names(cfg) or [None]:
+        prefix = f"{bucket}/" if bucket else ""
+        files += [storage.join(out_dir, prefix + f) for f in (f"{name}.parquet",
+                                                              latent_shards.validation_file(f"{name}.parquet"))]
+    return files
+
+
 def _resources(cfg: PrecomputeConfig, ray) -> tuple[bool, int]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if cfg.device == "cuda" and gpus == 0:
@@ -190,7 +271,8 @@ def _resources(cfg: PrecomputeConfig, ray) -> tuple[bool, int]:
     return use_gpu, actors
 
 
-def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors: int, shapes: dict) -> dict:
+def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors: int, shapes: dict,
+                   bucket_shapes: list[dict]) -> dict:
     """Run the Ray Data pipeline over the unfinished shards and finalize each when complete; returns
     timings (the steady rate counts from the first finished chunk, so it excludes actor start-up)."""
     import ray.data
@@ -203,17 +285,21 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
     # The memory reservation covers the decoded chunks a task holds; it also keeps Ray Data from fusing
     # decoding into the encoder actors (fusion needs identical remote args), which would serialise
     # decoding behind the encoders instead of running it on the other CPUs.
-    chunk_bytes = cfg.batch_size * max(spec["decode_resolution"], 1) ** 2 * 3
+    buckets = cfg.buckets and [b["decode"] for b in spec["buckets"]]
+    largest = max(h * w for h, w in (b["decode"] for b in spec["buckets"]))
+    # A bucketed task holds up to one unfinished chunk per bucket.
+    chunk_bytes = cfg.batch_size * max(largest, 1) * 3 * (len(buckets) if buckets else 1)
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (768 << 20),
                         fn_kwargs={"chunk_size": cfg.batch_size, "size": spec["decode_resolution"],
-                                   "max_image_pixels": cfg.max_image_pixels})
+                                   "max_image_pixels": cfg.max_image_pixels, "buckets": buckets or None})
     ds = ds.map_batches(ChunkEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if use_gpu else 0,
                         num_cpus=cfg.cpus_per_actor,
                         fn_constructor_kwargs={"spec": spec, "threads": None if use_gpu else max(1, round(cfg.cpus_per_actor))})
     ds = ds.map_batches(write_chunk, batch_size=1, num_cpus=0.5,
                         fn_kwargs={"out_dir": out_dir, "shapes": shapes, "row_group_size": cfg.row_group_size,
-                                   "validation_fraction": cfg.validation_fraction})
+                                   "validation_fraction": cfg.validation_fraction,
+                                   "bucket_shapes": bucket_shapes if cfg.buckets else None})
 
     finalize = ray.remote(num_cpus=0.5, max_retries=2)(finalize_shard)
     sources = dict(todo)
@@ -236,7 +322,8 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
             done["written"] += summary["written"] + summary["validation_written"]
             if name in last_chunk and len(chunks[name]) == last_chunk[name] + 1:
                 ordered = [chunks[name][i] for i in range(last_chunk[name] + 1)]
-                in_flight[name] = finalize.remote(out_dir, name, sources[name], ordered, shapes, cfg.row_group_size)
+                in_flight[name] = finalize.remote(out_dir, name, sources[name], ordered, shapes, cfg.row_group_size,
+                                                  bucket_names(cfg), bucket_shapes if cfg.buckets else None)
             ready, _ = ray.wait(list(in_flight.values()), num_returns=len(in_flight), timeout=0) \
                 if in_flight else ([], [])
             for finished in [n for n, ref in in_flight.items() if ref in ready]:
@@ -292,11 +379,10 @@ class PrecomputePhase(Phase):
             raise PrecomputeError(f"{ctx.input_uri}: no .tar shards (expected img2dataset webdataset output NNNNN.tar)")
         names = [shard_name(t) for t in tars]
         storage.makedirs(out_dir)
-        finished = {storage.basename(f)[:-len(".parquet")] for f in storage.list_files(out_dir, suffix=".parquet")}
+        finished = _finished_shards(cfg, out_dir)
         todo = [(n, t) for n, t in zip(names, tars) if n not in finished]
         for name, _ in todo:  # parts of a killed run are not trusted: the shard is redone whole
-            for stale in (storage.join(out_dir, PARTS_DIR, name),
-                          storage.join(out_dir, latent_shards.validation_file(f"{name}.parquet"))):
+            for stale in _shard_files(cfg, out_dir, name):
                 if storage.exists(stale):
                     storage.delete(stale)
         use_gpu, actors = _resources(cfg, ctx.ray)
@@ -313,14 +399,16 @@ class PrecomputePhase(Phase):
             # CPU actors use the same device and precision: probing here spares a worker that would
             # import and load the encoders only for this.
             probe = compute_probe(spec)
-        shapes = probe["shapes"]
+        shapes, bucket_shapes = probe["shapes"], probe["bucket_shapes"]
         extra: dict[str, Any] = {}
         if probe["empty_text_emb"] is not None:
             extra["empty_text_emb"] = latent_shards.write_empty_text(out_dir, probe["empty_text_emb"])
         log.info("precompute: %d of %d shards to do -> %s (%d %s actors)", len(todo), len(tars), out_dir, actors,
                  "GPU" if use_gpu else "CPU")
-        timings = _encode_shards(ctx, todo, spec, actors, shapes) if todo else {}
+        timings = _encode_shards(ctx, todo, spec, actors, shapes, bucket_shapes) if todo else {}
 
+        if cfg.buckets:
+            return self._bucketed_outcome(ctx, shapes, bucket_shapes, extra, timings)
         shard_entries, validation_entries, totals = [], [], Counter()
         skipped_by_reason, converted_by_mode = Counter(), Counter()
         for name, tar in zip(names, tars):
@@ -340,6 +428,57 @@ class PrecomputePhase(Phase):
             totals.update(input_samples=stats["input_samples"], train=rows, validation=held_out)
             skipped_by_reason.update(stats["skipped_by_reason"])
             converted_by_mode.update(stats["converted_by_mode"])
+        columns = {name: latent_shards.column_spec(name, shape) for name, shape in shapes.items()}
+        extra.update({"columns": columns, "shards": shard_entries,
+                      "validation": {"fraction": cfg.validation_fraction, "rule": latent_shards.VALIDATION_RULE,
+                                     "samples": totals["validation"], "shards": validation_entries}})
+        return self._outcome(ctx, totals, skipped_by_reason, converted_by_mode, extra, timings)
+
+    def _bucketed_outcome(self, ctx: Context, shapes: dict, bucket_shapes: list[dict], extra: dict,
+                          timings: dict) -> Outcome:
+        """Per bucket its columns and shard files (`latent_shards.bucket_manifest`), from each shard's counts
+        file, every bucket file checked against them."""
+        cfg, out_dir, state = ctx.cfg, ctx.output, ctx.state
+        sizes = cfg.bucket_sizes()
+        buckets = [{"name": b["name"], "size": b["stage_a"], "semantic_size": b["semantic"],
+                    "columns": {n: latent_shards.column_spec(n, shape) for n, shape in bucket_shapes[i].items()},
+                    "samples": 0, "shards": [], "validation": {"samples": 0, "shards": []}}
+                   for i, b in enumerate(sizes)]
+        totals, skipped_by_reason, converted_by_mode = Counter(), Counter(), Counter()
+        for name, tar in zip(state["names"], state["tars"]):
+            stats = storage.read_json(shard_stats_file(out_dir, name))
+            totals.update(input_samples=stats["input_samples"], train=stats["written"],
+                          validation=stats["validation_written"])
+            skipped_by_reason.update(stats["skipped_by_reason"])
+            converted_by_mode.update(stats["converted_by_mode"])
+            for bucket in buckets:
+                counts = stats["buckets"].get(bucket["name"], {})
+                for split, entry, file in (("written", bucket, f"{name}.parquet"),
+                                           ("validation_written", bucket["validation"],
+                                            latent_shards.validation_file(f"{name}.parquet"))):
+                    expected = int(counts.get(split, 0))
+                    if not expected:
+                        continue
+                    path = f"{bucket['name']}/{file}"
+                    _, rows = latent_shards.read_shard_stats(storage.join(out_dir, path))
+                    if rows != expected:
+                        raise PrecomputeError(f"{out_dir}/{path}: {rows} rows, shards/{name}.json says {expected}")
+                    entry["shards"].append({"file": path, "rows": rows, "source": storage.basename(tar)})
+                    entry["samples"] += rows
+        # Dtypes (and encodings) of the columns; their shapes are per bucket.
+        columns = {n: {k: v for k, v in latent_shards.column_spec(n, shape).items() if k != "shape"}
+                   for n, shape in shapes.items()}
+        extra.update({"columns": columns, "buckets": buckets,
+                      "bucket_rule": "nearest aspect ratio in log space (pipelines.latent_buckets.assign_buckets); "
+                                     "center-cropped to it",
+                      "validation": {"fraction": cfg.validation_fraction, "rule": latent_shards.VALIDATION_RULE,
+                                     "samples": totals["validation"]}})
+        return self._outcome(ctx, totals, skipped_by_reason, converted_by_mode, extra, timings)
+
+    def _outcome(self, ctx: Context, totals: Counter, skipped_by_reason: Counter, converted_by_mode: Counter,
+                 extra: dict, timings: dict) -> Outcome:
+        cfg, out_dir, state = ctx.cfg, ctx.output, ctx.state
+        tars, todo = state["tars"], state["todo"]
         skipped = sum(skipped_by_reason.values())
         written = totals["train"] + totals["validation"]
         if totals["input_samples"] != written + skipped:
@@ -351,15 +490,14 @@ class PrecomputePhase(Phase):
                   "skipped": skipped, "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
                   "converted": sum(converted_by_mode.values()),
                   "converted_by_mode": dict(sorted(converted_by_mode.items()))}
-        columns = {name: latent_shards.column_spec(name, shape) for name, shape in shapes.items()}
-        extra.update({"columns": columns, "string_columns": ["key", "uid", "caption"], "shards": shard_entries,
-                      "validation": {"fraction": cfg.validation_fraction, "rule": latent_shards.VALIDATION_RULE,
-                                     "samples": totals["validation"], "shards": validation_entries},
+        if cfg.buckets:
+            counts["train_by_bucket"] = {b["name"]: b["samples"] for b in extra["buckets"]}
+        extra.update({"string_columns": ["key", "uid", "caption"],
                       "row_group_size": cfg.row_group_size, "encoders": state["sources"],
                       "input_manifest_hash": manifest_lib.manifest_hash(ctx.input_uri),
                       # This invocation only: a resumed run computed `shards_computed` of the shards.
-                      "last_run": {"shards_computed": len(todo), "actors": actors,
-                                   "device": "cuda" if use_gpu else "cpu", **timings},
+                      "last_run": {"shards_computed": len(todo), "actors": state["actors"],
+                                   "device": "cuda" if state["use_gpu"] else "cpu", **timings},
                       "notes": {"semantic": "raw Semantic Compressor (BatchNorm) output; Stage C trains on (x+1)/42",
                                 "stage_a": "unquantized Stage A latent divided by its scale_factor"}})
         flat = {"input_samples": counts["input_samples"], "written": counts["written"],
@@ -368,6 +506,7 @@ class PrecomputePhase(Phase):
                 "shards_computed": len(todo)}
         flat.update({f"skipped.{k}": v for k, v in skipped_by_reason.items()})
         flat.update({f"converted.{k}": v for k, v in converted_by_mode.items()})
+        flat.update({f"written.train.{k}": v for k, v in counts.get("train_by_bucket", {}).items()})
         ctx.log_metrics(flat)
         return Outcome(counts=counts, extra=extra)
 
@@ -375,6 +514,9 @@ class PrecomputePhase(Phase):
         summary = {k: v for k, v in manifest.items() if k != "shards"}
         if isinstance(summary.get("validation"), dict):  # the file lists stay in manifest.json
             summary["validation"] = {k: v for k, v in summary["validation"].items() if k != "shards"}
+        if isinstance(summary.get("buckets"), list):
+            summary["buckets"] = [{k: v for k, v in b.items() if k not in ("shards", "validation")}
+                                  for b in summary["buckets"]]
         ctx.log_dict(summary, "manifest.json")
 
     def finish(self, ctx: Context, manifest: dict) -> None:

@@ -114,7 +114,8 @@ def encoder_spec(cfg: PrecomputeConfig, use_gpu: bool) -> dict:
             **{name: export_layout.resolve_checkpoint(getattr(enc, name)) if getattr(enc, name) else None
                for name in ("semantic", "stage_a")},
             "semantic_resolution": cfg.semantic_resolution, "stage_a_resolution": cfg.stage_a_resolution,
-            "decode_resolution": decode_resolution(cfg), "precision": cfg.precision, "use_gpu": use_gpu}
+            "decode_resolution": decode_resolution(cfg), "buckets": cfg.bucket_sizes(), "precision": cfg.precision,
+            "use_gpu": use_gpu}
 
 
 class Encoders:
@@ -148,32 +149,34 @@ class Encoders:
                 self.models[name] = stages.load(storage.local_copy(spec[name]), expected_kind=name, device=self.device,
                                                 dtype=self.dtype)
 
-    def _resized(self, pixels: np.ndarray, size: int):
-        """(n, R, R, 3) uint8 -> (n, 3, size, size) float32 in [0, 1] on the device."""
+    def _resized(self, pixels: np.ndarray, size: tuple[int, int]):
+        """(n, h, w, 3) uint8 -> (n, 3, *size) float32 in [0, 1] on the device."""
         torch = self.torch
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != size:
+        if tuple(x.shape[-2:]) != tuple(size):
             # Resize in float32: antialiased interpolation has no bfloat16 CPU kernel.
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+            x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True,
                                                 align_corners=False)
         return x
 
-    def encode(self, captions: list[str], pixels: np.ndarray | None) -> dict[str, np.ndarray]:
-        """(n captions, n x R x R x 3 uint8) -> {output name: (n, ...) float16; semantic_image: uint8}."""
+    def encode(self, captions: list[str], pixels: np.ndarray | None, bucket: int = 0) -> dict[str, np.ndarray]:
+        """(n captions, n x h x w x 3 uint8 at bucket `bucket`'s decode size) -> {output name: (n, ...)
+        float16; semantic_image: uint8}."""
         torch = self.torch
+        sizes = self.spec["buckets"][bucket]
         out = {}
         with torch.inference_mode():
             if "text" in self.models:
                 out["text_emb"] = self.models["text"].encode(captions)
             semantic_input = None
             if "semantic" in self.models or "semantic_image" in self.spec["outputs"]:
-                semantic_input = self._resized(pixels, self.spec["semantic_resolution"])
+                semantic_input = self._resized(pixels, sizes["semantic"])
             if "semantic" in self.models:
                 out["semantic"] = self.models["semantic"].encode(semantic_input.to(self.dtype),
-                                                                 size=self.spec["semantic_resolution"])
+                                                                 size=tuple(sizes["semantic"]))
             if "stage_a" in self.models:
                 out["stage_a"] = self.models["stage_a"].encode(
-                    self._resized(pixels, self.spec["stage_a_resolution"]).to(self.dtype))
+                    self._resized(pixels, sizes["stage_a"]).to(self.dtype))
             out = {k: v.to(torch.float16).cpu().numpy() for k, v in out.items()}
             if "semantic_image" in self.spec["outputs"]:
                 # The compressor's input, rounded: the very resize `semantic` encodes (before ImageNet
@@ -182,12 +185,17 @@ class Encoders:
             return out
 
     def probe(self) -> dict:
-        """Output shapes (from one blank image) and the empty caption's embedding."""
-        size = self.spec["decode_resolution"]
-        blank = np.zeros((1, size, size, 3), dtype=np.uint8) if size else None
-        outputs = self.encode([""], blank)
-        return {"shapes": {k: list(v.shape[1:]) for k, v in outputs.items()},  # semantic_image: (3, R, R)
-                "empty_text_emb": outputs["text_emb"][0] if "text_emb" in outputs else None}
+        """Output shapes per bucket (from one blank image each; `shapes`: the first bucket's) and the empty
+        caption's embedding."""
+        bucket_shapes, empty = [], None
+        for index, sizes in enumerate(self.spec["buckets"]):
+            height, width = sizes["decode"]
+            blank = np.zeros((1, height, width, 3), dtype=np.uint8) if height else None
+            outputs = self.encode([""], blank, index)
+            bucket_shapes.append({k: list(v.shape[1:]) for k, v in outputs.items()})  # semantic_image: (3, h, w)
+            if empty is None and "text_emb" in outputs:
+                empty = outputs["text_emb"][0]
+        return {"shapes": bucket_shapes[0], "bucket_shapes": bucket_shapes, "empty_text_emb": empty}
 
 
 class ChunkEncoder:
@@ -199,12 +207,13 @@ class ChunkEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         meta = json.loads(batch["meta"][0])
         n = len(meta["uids"])
-        size = self.encoders.spec["decode_resolution"]
+        bucket = int(meta.get("bucket", 0))
+        height, width = self.encoders.spec["buckets"][bucket]["decode"]
         blob = batch["pixels"][0]
         # A writable copy: torch refuses to wrap read-only buffers without a warning.
-        pixels = np.frombuffer(blob, dtype=np.uint8).reshape(n, size, size, 3).copy() if size and n else None
+        pixels = np.frombuffer(blob, dtype=np.uint8).reshape(n, height, width, 3).copy() if height and n else None
         result = {k: batch[k] for k in ("shard", "chunk", "is_last")}
-        outputs = self.encoders.encode(meta["captions"], pixels) if n else {}
+        outputs = self.encoders.encode(meta["captions"], pixels, bucket) if n else {}
         if outputs:
             finite = np.ones(n, dtype=bool)
             for values in outputs.values():

@@ -410,3 +410,7 @@ class RunPlan:
     evaluation_prompts: list[str] = dataclasses.field(default_factory=list)
     # semantic_compressor.train: the checkpoint the compressor starts from (resolved by the driver).
     compressor_init: Optional[str] = None
+    # A bucketed input (precompute buckets): each bucket's tensor shapes and share of the samples (`shapes` is
+    # then the largest bucket's). Empty for one size.
+    bucket_shapes: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    bucket_weights: dict[str, float] = dataclasses.field(default_factory=dict)

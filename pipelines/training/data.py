@@ -4,7 +4,8 @@ seeded order that resumes at any sample), so the loader only adds worker process
 
 `LatentDataset` splits the work: the loader's workers read the stream's pieces (each parquet row group
 once, piece i by worker i % K, handed back in order) and the reader's `assemble` cuts the shuffled
-batches from them here, so K workers do not read every block K times (see `pipelines.latent_shards`).
+batches from them here, so K workers do not read every block K times (see `pipelines.latent_shards`); a
+bucketed dataset's reader (`pipelines.latent_buckets`) does the same over all its buckets' pieces.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipelines.latent_buckets import BucketedLatentReader
 from pipelines.latent_shards import LatentShardReader
 from pipelines.training.config import DataConfig
 
@@ -25,7 +27,7 @@ def batches(dataset: IterableDataset, data: DataConfig, device: torch.device) ->
     # A private generator: DataLoader draws its workers' base seed from it, not from the global RNG
     # (which would shift the dropout stream of a resumed run against an uninterrupted one).
     generator = torch.Generator().manual_seed(data.seed)
-    if isinstance(dataset, LatentShardReader):
+    if isinstance(dataset, (LatentShardReader, BucketedLatentReader)):
         if not workers:
             return dataset.assemble(pin_memory=pin)
         # In flight: one window's pieces, so the workers read window q+1 while batches of q are cut

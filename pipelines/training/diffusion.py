@@ -23,7 +23,7 @@ import stages
 from pipelines import latent_shards
 from pipelines import manifest as manifest_lib
 from pipelines import storage
-from pipelines.latent_shards import LatentDataset
+from pipelines.latent_buckets import open_reader
 from pipelines.training import data
 from pipelines.training.config import RunPlan, TrainConfig
 from pipelines.training.engine import make_engine, reseed_per_rank
@@ -82,7 +82,7 @@ class DiffusionRunner(Runner):
     # ------------------------------------------------------------ data
     def batches(self, start_sample: int) -> Iterator[dict]:
         cfg = self.cfg
-        dataset = LatentDataset(self.plan.input_uri, list(self.spec.latent_columns), rank=self.rank,
+        dataset = open_reader(self.plan.input_uri, list(self.spec.latent_columns), rank=self.rank,
                                 world_size=self.world, seed=cfg.data.seed, start_offset=start_sample,
                                 batch_size=cfg.train.micro_batch_size, shuffle_window=cfg.data.shuffle_window,
                                 infinite=True)
@@ -130,7 +130,7 @@ class DiffusionRunner(Runner):
         if stop <= first:
             return
         size = self.cfg.validation.batch_size or self.cfg.train.micro_batch_size
-        reader = LatentDataset(self.plan.input_uri, list(self.spec.latent_columns), split="validation",
+        reader = open_reader(self.plan.input_uri, list(self.spec.latent_columns), split="validation",
                                shuffle=False, infinite=False, start_offset=first, batch_size=size)
         position = first
         for batch in reader:
@@ -200,7 +200,7 @@ class DiffusionRunner(Runner):
         """A fixed batch for sample grids, from its own reader (never from the training stream)."""
         if self._preview is None:
             columns = list(self.spec.latent_columns) + ["caption"]
-            reader = LatentDataset(self.plan.input_uri, columns, rank=0, world_size=1, seed=self.cfg.sampling.seed,
+            reader = open_reader(self.plan.input_uri, columns, rank=0, world_size=1, seed=self.cfg.sampling.seed,
                                    batch_size=self.cfg.sampling.num_images, shuffle_window=self.cfg.data.shuffle_window)
             self._preview = next(iter(reader))
         return self._preview
@@ -255,10 +255,9 @@ class StageBCompressorRunner(DiffusionRunner):
         return write_export(self.kind, module.stage_b, export_root, step, ema=ema, plan=self.plan,
                             trained_with={"semantic": module.compressor})
 
-    def flops_per_sample(self) -> float:
+    def flops_at(self, shapes) -> float:
         """Stage B's and the compressor's (forward + backward at the stored pixels' size)."""
-        image = self.plan.shapes["semantic_image"]
         with torch.device("meta"):
             compressor = SemanticCompressor(self.module_config.compressor)
-            pixels = torch.rand(1, *image)
-        return super().flops_per_sample() + training_flops(lambda: compressor(pixels).float().pow(2).mean())
+            pixels = torch.rand(1, *shapes["semantic_image"])
+        return super().flops_at(shapes) + training_flops(lambda: compressor(pixels).float().pow(2).mean())

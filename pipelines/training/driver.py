@@ -223,7 +223,7 @@ def plan_run(cfg: TrainConfig, use_gpu: bool) -> RunPlan:
                    bf16=precision != "fp32", precision=precision,
                    tracking_uri=None, mlflow_run_id=None, empty_text_emb=data.empty_text_emb,
                    companions=companions, evaluation_prompts=evaluation_prompts, start_step=start_step,
-                   compressor_init=compressor_init)
+                   compressor_init=compressor_init, bucket_shapes=data.bucket_shapes, bucket_weights=data.bucket_weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,9 +97,13 @@ def check_image_size(cfg: EvaluationConfig, companions: dict[str, str]) -> None:
 def evaluation_samples(input_uri: str, columns: list[str], count: int) -> dict:
     """The first `count` samples (manifest order) of the input's validation split, or of its training
     shards when it has none: the same samples at every evaluation and in every run on this input."""
-    split = "validation" if latent_shards.split_samples(manifest_lib.read(input_uri), "validation") else "train"
+    manifest = manifest_lib.read(input_uri)
+    split = "validation" if latent_shards.split_samples(manifest, "validation") else "train"
+    # A bucketed input: its largest bucket's (one batch holds one size).
+    bucket = max(latent_shards.bucket_names(manifest),
+                 key=lambda b: latent_shards.split_samples(latent_shards.bucket_manifest(manifest, b), split))
     reader = latent_shards.LatentDataset(input_uri, columns, split=split, shuffle=False, infinite=False,
-                                         batch_size=count)
+                                         batch_size=count, bucket=bucket)
     return next(iter(reader))
 
 

@@ -88,7 +88,13 @@ class Runner:
     def flops_per_sample(self) -> float:
         """Model FLOPs of one training sample of the trained stage alone (for Stage A: without the
         perceptual network and the discriminator)."""
-        shapes = {k: tuple(v) for k, v in self.plan.shapes.items()}
+        # A bucketed input: the mean over its buckets, weighted by their samples.
+        buckets = [(self.plan.bucket_weights[b], s) for b, s in self.plan.bucket_shapes.items()] or \
+            [(1.0, self.plan.shapes)]
+        return sum(weight * self.flops_at({k: tuple(v) for k, v in shapes.items()}) for weight, shapes in buckets)
+
+    def flops_at(self, shapes: dict[str, tuple[int, ...]]) -> float:
+        """`flops_per_sample` for samples of these tensor shapes."""
         return metrics.training_flops_per_sample(self.spec, self.model_config, shapes)
 
     # ------------------------------------------------------------ export and samples

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from pipelines import image_shards, storage
+from pipelines import image_shards, latent_buckets, latent_shards, storage
 from pipelines.config import ConfigError
 from pipelines.generate import GenerationModels, generate_images, to_pil
 from pipelines.precompute import SEMANTIC_STRIDE
@@ -41,6 +41,9 @@ class InputPlan:
     shapes: dict[str, list[int]]
     num_samples: int
     empty_text_emb: Optional[str] = None
+    # Bucketed inputs: per bucket its shapes and share of the training samples (`shapes`: the largest's).
+    bucket_shapes: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    bucket_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StageSpec:
@@ -149,9 +152,16 @@ class DiffusionSpec(StageSpec):
                               f"({channels}, h, w) (model {self.semantic_channels_field})")
 
     def plan_input(self, cfg: TrainConfig, model_config, input_uri: str, manifest: dict) -> InputPlan:
-        shapes = {k: list(v) for k, v in self.latent_shapes(model_config, manifest.get("columns") or {},
-                                                            input_uri).items()}
-        num_samples = sum(int(s["rows"]) for s in manifest.get("shards") or [])
+        """Shapes (of every bucket of a bucketed input, each checked), sample count, empty caption."""
+        bucket_shapes = {}
+        for bucket, columns in latent_shards.column_shapes(manifest).items():
+            source = input_uri if bucket is None else f"{input_uri} (bucket {bucket})"
+            bucket_shapes[bucket] = {k: list(v) for k, v in self.latent_shapes(model_config, columns, source).items()}
+        num_samples = latent_shards.split_samples(manifest, "train")
+        weights = latent_buckets.bucket_weights(manifest)
+        shapes = bucket_shapes[max(weights, key=lambda b: weights[b])]
+        if not latent_shards.is_bucketed(manifest):
+            bucket_shapes, weights = {}, {}
         empty_text = None
         entry = manifest.get("empty_text_emb")
         if isinstance(entry, dict) and entry.get("file"):
@@ -159,7 +169,7 @@ class DiffusionSpec(StageSpec):
         if cfg.data.text_dropout > 0 and empty_text is None:
             raise ConfigError(f"data.text_dropout: {cfg.data.text_dropout} needs the empty-caption embedding, but "
                               f"{input_uri}/manifest.json has no 'empty_text_emb' entry")
-        return InputPlan(shapes, num_samples, empty_text)
+        return InputPlan(shapes, num_samples, empty_text, bucket_shapes, weights)
 
     def example_inputs(self, shapes: dict[str, tuple[int, ...]], batch: int = 1) -> dict[str, torch.Tensor]:
         return {c: torch.randn(batch, *shapes[c]) for c in self.tensor_columns}
@@ -274,7 +284,8 @@ class StageBSpec(DiffusionSpec):
     def plan_input(self, cfg, model_config, input_uri, manifest) -> InputPlan:
         plan = super().plan_input(cfg, model_config, input_uri, manifest)
         if not cfg.data.allow_latent_ratio_mismatch:
-            self.check_latent_ratio(plan.shapes, input_uri)
+            for bucket, shapes in (plan.bucket_shapes or {None: plan.shapes}).items():
+                self.check_latent_ratio(shapes, input_uri if bucket is None else f"{input_uri} (bucket {bucket})")
         return plan
 
     @staticmethod
@@ -378,8 +389,9 @@ class StageBCompressorSpec(StageBSpec):
     def plan_input(self, cfg, model_config, input_uri, manifest) -> InputPlan:
         plan = DiffusionSpec.plan_input(self, cfg, model_config, input_uri, manifest)
         if not cfg.data.allow_latent_ratio_mismatch:
-            self.check_latent_ratio({**plan.shapes, "semantic": self.semantic_shape(model_config, plan.shapes)},
-                                    input_uri)
+            for bucket, shapes in (plan.bucket_shapes or {None: plan.shapes}).items():
+                self.check_latent_ratio({**shapes, "semantic": self.semantic_shape(model_config, shapes)},
+                                        input_uri if bucket is None else f"{input_uri} (bucket {bucket})")
         return plan
 
     def example_inputs(self, shapes, batch: int = 1):
