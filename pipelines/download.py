@@ -6,8 +6,16 @@ Each task fetches its shard with img2dataset's own downloader, resizer and webda
 (real HTTP through urllib), into a scratch directory, then checks the result (one parquet
 row per input row, a readable tar with one image per success) and moves it into
 `<output>/<version>/` as NNNNN.tar + NNNNN.parquet + NNNNN_stats.json, the stats file last: its
-presence (verified against the tar) marks the shard complete, so a rerun skips complete shards and
-redoes partial ones. Failed tasks are retried `max_shard_retries` times.
+presence, with the record of what was written checked cheaply (sizes, the tar's ends, the parquet's keys;
+no tar header read over the network), marks the shard complete, so a rerun skips complete shards and
+redoes partial or altered ones. Failed tasks are retried `max_shard_retries` times; a shard that still
+fails has its rows counted as `shard_failed` and the version completes, unless more than
+`max_failed_shard_fraction` of the shards failed (then the phase fails, naming them). A version with
+failed shards is not complete to a rerun: it retries those shards and rewrites the manifest.
+
+Politeness (`pipelines.download_task`): a per-host connection limit, 429 / 503 retried after their
+Retry-After, a DNS cache per shard task (every address still checked by the guard), our own User-Agent.
+None of these settings is part of the version.
 
 Why not `img2dataset.download()` per shard: it spawns a process pool and a logger process per
 call, each re-importing img2dataset (albumentations, torch via webdataset: seconds of CPU per
@@ -21,7 +29,7 @@ before decoding (decompression bombs, truncated files, non-image content are per
 
 Every input row ends in `report.json` as a success or a failure with a reason; input rows =
 succeeded + sum(failures) is checked before anything is published. MLflow gets the same counts;
-`manifest.json` is written last, only when every shard completed.
+`manifest.json` (with the same `funnel` and the `failed_shards`) is written last.
 
 Modules: this one is the config, the input plan, the driver and the `DownloadPhase` lifecycle;
 `pipelines.download_task` one shard's work inside its Ray task; `pipelines.image_shards` the output
@@ -45,7 +53,7 @@ from pipelines import netguard, storage, tracking
 from pipelines.config import ConfigError, param
 # download_task first: it sets the environment img2dataset's imports need, in the driver and in workers.
 from pipelines.download_task import DownloadInputError, ShardPlan, ShardSettings, download_shard
-from pipelines.image_shards import shard_name_digits
+from pipelines.image_shards import shard_files, shard_name_digits
 from pipelines.phase import Context, InputError, Outcome, Phase, PhaseResult, module_cli
 from pipelines.runtime import RayConfig, default_data_root
 
@@ -57,9 +65,12 @@ REQUIRED_COLUMNS = ("uid", "URL", "TEXT")
 # Column names img2dataset writes itself; an input column with one of these names cannot be kept.
 IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "original_width", "original_height",
                                   "status", "error_message", "exif", "md5", "sha256", "sha512"})
-# Settings that do not change what is downloaded (parallelism, bookkeeping, where things go).
+# Settings that do not change what is downloaded (parallelism, politeness, bookkeeping, where things go).
+# Keys added to this list later are left out of every version, so existing versions keep their names.
 VERSION_EXCLUDE = ("input", "output", "data_root", "ray", "mlflow", "threads_per_task", "cpus_per_task",
-                   "max_shard_retries", "max_tasks_in_flight", "scratch_dir", "progress_interval_s")
+                   "max_shard_retries", "max_tasks_in_flight", "scratch_dir", "progress_interval_s",
+                   "user_agent", "max_connections_per_host", "throttle_retries", "retry_backoff_s",
+                   "max_retry_wait_s", "dns_cache_seconds", "max_failed_shard_fraction", "resume_check")
 # Keys added after versions were already published: hashed only when set to something other than their
 # default, so that adding them did not give every existing download a new version.
 LATE_KEYS = {"max_shard_seconds": 3600.0, "allow_metadata_address": False}
@@ -101,6 +112,22 @@ class DownloadConfig:
     # as `timeout`, and the shard completes with what it has.
     max_shard_seconds: float = param(3600.0, gt=0)
     user_agent_token: Optional[str] = None
+    # --- politeness (not versioned: how we ask, not what we keep) ---
+    # Sent with every request (replaces img2dataset's browser string); user_agent_token is appended when
+    # set and not in it already. Name the crawler and a contact (a URL or an address) for site operators.
+    user_agent: str = "wurst-download/1.0 (Wuerstchen text-to-image training data; img2dataset)"
+    # Connections open to one host (name:port) at once, per shard task; other threads wait for a slot.
+    max_connections_per_host: int = param(4, ge=1)
+    # A 429 / 503 is retried this many times, after the server's Retry-After (seconds or HTTP-date) or
+    # else retry_backoff_s * 2**attempt; the host is paused for the whole shard task meanwhile.
+    throttle_retries: int = param(3, ge=0)
+    retry_backoff_s: float = param(1.0, gt=0)
+    # The longest wait: a Retry-After asking for more is not retried (the URL fails as http_429 / http_503),
+    # and no wait runs past max_response_seconds or the shard's deadline.
+    max_retry_wait_s: float = param(60.0, gt=0)
+    # How long a shard task reuses a DNS answer (0: look up every connection); every address is still
+    # checked by the guard. A local caching resolver (unbound, dnsmasq) is the cache that honours TTLs.
+    dns_cache_seconds: float = param(300.0, ge=0)
     # Honour X-Robots-Tag opt-outs (img2dataset's default list).
     disallowed_header_directives: list[str] = dataclasses.field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
@@ -118,6 +145,13 @@ class DownloadConfig:
     threads_per_task: int = param(64, ge=1)  # concurrent downloads in one shard task
     cpus_per_task: float = param(1.0, gt=0)  # Ray CPUs reserved per shard task
     max_shard_retries: int = param(2, ge=0)  # re-runs of a failed shard task
+    # A shard still failing after its retries has its rows counted as `shard_failed` and the version
+    # completes, unless more than this fraction of the shards failed (then the phase fails); a rerun retries
+    # the failed shards. 0: any failed shard fails the phase.
+    max_failed_shard_fraction: float = param(0.01, ge=0, le=1)
+    # How a rerun checks a shard that is already written: quick (sizes, the tar's first / last 64 KiB and
+    # the parquet's keys against the record written with it) or full (also every tar header).
+    resume_check: str = param("quick", choices=("quick", "full"))
     # Shard tasks submitted at once (None: 4 per schedulable task slot of the cluster).
     max_tasks_in_flight: Optional[int] = param(None, ge=1)
     # Input columns copied into each sample's .json / the shard parquet (None: all but URL, TEXT).
@@ -129,6 +163,11 @@ class DownloadConfig:
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
     def validate(self) -> None:
+        agent = self.user_agent
+        if not agent.strip() or any(not (32 <= ord(c) < 127) for c in agent):
+            raise ConfigError(f"user_agent: must be non-empty printable ASCII (an HTTP header value), got {agent!r}")
+        if self.user_agent_token is not None and any(not (32 <= ord(c) < 127) for c in self.user_agent_token):
+            raise ConfigError(f"user_agent_token: must be printable ASCII, got {self.user_agent_token!r}")
         for what in ("allowed_networks", "denied_networks"):
             try:
                 netguard.parse_networks(getattr(self, what), what)
@@ -274,6 +313,12 @@ def run_shards(ray, plans: list[ShardPlan], settings: ShardSettings, cfg: Downlo
                 summary = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - task errors, worker crashes, node loss
                 message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+                cause = getattr(exc, "cause", None)  # a RayTaskError's original exception
+                if isinstance(exc, DownloadInputError) or isinstance(cause, DownloadInputError):
+                    # Bad input is not a failure to count or retry: the phase stops, naming it.
+                    text = str(cause) if isinstance(cause, DownloadInputError) else message
+                    raise DownloadInputError(text if text.startswith(f"shard {plan.name}")
+                                             else f"shard {plan.name}: {text}") from None
                 if attempt < cfg.max_shard_retries:
                     log.warning("shard %s attempt %d failed (%s); retrying", plan.name, attempt + 1, message)
                     queue.append((plan, attempt + 1))
@@ -293,10 +338,14 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
     failures: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     repaired: dict[str, int] = {}
+    politeness: dict[str, int] = {}
     succeeded = 0
     fetched_now = 0
     for summary in done.values():
         succeeded += summary["succeeded"]
+        for what, n in summary.get("politeness", {}).items():
+            politeness[what] = max(politeness.get(what, 0), n) if what.startswith("peak_") else \
+                politeness.get(what, 0) + n
         for reason, n in summary["failures"].items():
             failures[reason] = failures.get(reason, 0) + n
         for what, n in summary.get("repaired", {}).items():  # still samples; counted, not failures
@@ -310,6 +359,8 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
     lost = sum(rows_by_name[name] for name in failed)
     if lost:
         failures[SHARD_FAILED] = lost
+        examples[SHARD_FAILED] = [f"shard {name}: {config_lib.redact_text(message)[:300]}"
+                                  for name, message in sorted(failed.items())[:3]]
     input_rows = sum(rows_by_name.values())
     if input_rows != succeeded + sum(failures.values()):
         raise RuntimeError(f"accounting error: {input_rows} input rows != {succeeded} succeeded + "
@@ -321,9 +372,10 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
         "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failure_examples": {k: examples[k] for k in sorted(examples)},
         "repaired": dict(sorted(repaired.items())),
+        "politeness": dict(sorted(politeness.items())),
         "shards": {"total": len(plans), "completed": len(done),
                    "resumed": sum(1 for s in done.values() if s.get("resumed")), "failed": len(failed),
-                   "failed_shards": dict(sorted(failed.items()))},
+                   "failed_shards": {name: config_lib.redact_text(message) for name, message in sorted(failed.items())}},
         "duration_s": round(duration_s, 3),
         "rows_per_second": round(fetched_now / duration_s, 3) if duration_s > 0 else None,
     }
@@ -334,6 +386,7 @@ def _metrics(report: dict) -> dict[str, float]:
     metrics.update({f"shards_{k}": float(v) for k, v in report["shards"].items() if k != "failed_shards"})
     metrics.update({f"failures.{reason}": float(n) for reason, n in report["failures"].items()})
     metrics.update({f"repaired.{what}": float(n) for what, n in report.get("repaired", {}).items()})
+    metrics.update({f"politeness.{what}": float(n) for what, n in report.get("politeness", {}).items()})
     if report.get("rows_per_second") is not None:
         metrics["rows_per_second"] = float(report["rows_per_second"])
     return metrics
@@ -348,7 +401,24 @@ def manifest_extra(cfg: DownloadConfig, columns: list[str], plans: list[ShardPla
                             "width", "height", "original_width", "original_height"]
             + (["exif"] if cfg.extract_exif else [])
             + ([cfg.compute_hash] if cfg.compute_hash else []),
-            "shard_names": [p.name for p in plans]}
+            "shard_names": [p.name for p in plans],
+            # Every input row: downloaded, or failed with its reason (a failed shard's rows as shard_failed).
+            "funnel": {"input_rows": report["input_rows"], "downloaded": report["succeeded"],
+                       "failed": report["failures"]},
+            "failed_shards": report["shards"]["failed_shards"]}
+
+
+def check_failed_shards(failed: dict[str, str], total: int, max_fraction: float, report_uri: str,
+                        retries: int) -> None:
+    """Raise ShardsFailedError when more than `max_fraction` of `total` shards failed, naming them and the key."""
+    if not failed or len(failed) <= max_fraction * total:
+        return
+    names = sorted(failed)
+    shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+    raise ShardsFailedError(
+        f"{len(failed)} of {total} shard(s) failed after {retries} retries ({shown}): "
+        f"{len(failed) / total:.1%} is more than max_failed_shard_fraction={max_fraction:g}; see {report_uri}; "
+        f"rerun to retry them")
 
 
 class DownloadPhase(Phase):
@@ -375,6 +445,14 @@ class DownloadPhase(Phase):
 
     def existing_details(self, output: str, manifest: dict) -> dict:
         return storage.read_json(storage.join(output, REPORT))
+
+    def is_complete(self, cfg: DownloadConfig, output: str) -> bool:
+        """A manifest, and no shard left failed: a version that completed with failed shards (within
+        max_failed_shard_fraction) is usable, but a rerun retries those shards (and rewrites the manifest)."""
+        if not manifest_lib.has_manifest(output):
+            return False
+        failed = manifest_lib.read(output).get("failed_shards")
+        return not failed
 
     def summary(self, result: PhaseResult) -> dict:
         report = result.details
@@ -418,9 +496,15 @@ class DownloadPhase(Phase):
         ctx.log_dict(report, REPORT)
         log.info("report: %d/%d rows downloaded; failures %s", report["succeeded"], report["input_rows"],
                  report["failures"])
+        check_failed_shards(failed, len(plans), cfg.max_failed_shard_fraction, report_uri, cfg.max_shard_retries)
         if failed:
-            raise ShardsFailedError(f"{len(failed)} shard(s) failed after {cfg.max_shard_retries} retries "
-                                    f"({', '.join(sorted(failed))}); see {report_uri}; rerun to retry them")
+            for name in failed:  # what a failed attempt may have published: its rows are counted, not read
+                for uri in shard_files(out, name).values():
+                    storage.delete(uri)
+            log.warning("%d of %d shard(s) failed after %d retries (%s): their %d rows are counted as %s; the "
+                        "version completes (max_failed_shard_fraction=%g); rerun to retry them", len(failed),
+                        len(plans), cfg.max_shard_retries, ", ".join(sorted(failed)),
+                        report["failures"].get(SHARD_FAILED, 0), SHARD_FAILED, cfg.max_failed_shard_fraction)
         counts = {"input_rows": report["input_rows"], "samples": report["succeeded"], "failed": report["failed"],
                   "shards": len(plans)}
         return Outcome(counts=counts, extra=manifest_extra(cfg, ctx.state["columns"], plans, report), details=report)

@@ -10,21 +10,44 @@ and decodes images.
 Per-sample safety: images are inspected before decoding (`inspect_image`: decompression bombs,
 truncated files, non-image content are per-sample failures), and every failure gets a stable reason
 name (`failure_reason`).
+
+Politeness: img2dataset fetches with `urllib.request.urlopen` from a pool of `threads` threads; the
+opener installed for the shard is a `PoliteOpener` over the guarded one (`pipelines.netguard`). It sets
+the configured User-Agent, holds at most `max_connections_per_host` connections per host ("name:port";
+a `HostLimiter` gates each connection, the slot is held until the body is read), retries a 429 / 503
+after the server's Retry-After (seconds or HTTP-date) or an exponential backoff, never longer than
+`max_retry_wait_s` and never past the URL's or the shard's deadline, and pauses that host for every
+thread of the shard meanwhile. Host names are resolved through one `netguard.CachingResolver` per shard
+task; the guard checks every address of every answer, cached or not.
+
+Resume: when a shard is written, its stats file records what was written (`shard_record`: tar and
+parquet sizes, member and sample counts, a digest of the tar listing, of the sample keys and of the tar's
+first and last 64 KiB). A later run checks that record cheaply (`verify_shard`: two size look-ups, two
+64 KiB range reads of the tar, the shard parquet's keys) instead of reading every tar header over the
+network; `resume_check: full` reads the whole listing as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import email.utils
+import hashlib
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
 import time
-from typing import TYPE_CHECKING, Optional
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Callable, Optional
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import time unless told not
 # to: that is a network call from every download worker, and a 10-60 s stall without internet.
@@ -189,6 +212,169 @@ def failure_reason(status: Optional[str], message: Optional[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Politeness: per-host connection slots, Retry-After, the User-Agent
+
+
+THROTTLE_STATUSES = (429, 503)  # "too many requests", "service unavailable": retried after a wait
+
+
+def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
+    """The seconds a Retry-After header value asks for: delta-seconds (`120`) or an HTTP-date
+    (`Wed, 21 Oct 2015 07:28:00 GMT`, relative to `now`, a `time.time()`; a date in the past is 0);
+    None when there is none or it cannot be read."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def throttle_wait(retry_after: Optional[float], attempt: int, backoff_s: float, max_wait_s: float) -> Optional[float]:
+    """How long to wait before retry `attempt` (0: the first) of a URL answered 429 / 503: the server's
+    Retry-After when it sent one, else `backoff_s * 2**attempt`, at most `max_wait_s`. None: do not retry,
+    because the server asked for more than `max_wait_s` (retrying earlier would ignore what it asked)."""
+    if retry_after is not None:
+        return retry_after if retry_after <= max_wait_s else None
+    return min(backoff_s * 2.0 ** attempt, max_wait_s)
+
+
+def host_key(url: str) -> str:
+    """"name:port" of a URL, lower case, with the scheme's default port: the unit of the per-host limit
+    (the same key the guarded connections give `HostLimiter`)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+class HostLimiter:
+    """The connection gate of one shard task (see `netguard.GuardPolicy.opener`): at most `max_per_host`
+    connections to one host at a time, and none while the host's Retry-After pause lasts. A thread waits for
+    a slot at most until its URL's deadline, then fails as `timeout`."""
+
+    def __init__(self, max_per_host: int):
+        self.max_per_host = max_per_host
+        self._cond = threading.Condition()
+        self._active: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}  # host -> time.monotonic() instant
+        self.peak: dict[str, int] = {}  # most connections a host had at once
+        self.waits = 0  # connections that had to wait for a slot or a pause
+
+    def pause(self, host: str, seconds: float) -> None:
+        """No new connection to `host` for `seconds` (a later end wins over an earlier one)."""
+        with self._cond:
+            until = time.monotonic() + seconds
+            if until > self._paused_until.get(host, 0.0):
+                self._paused_until[host] = until
+            self._cond.notify_all()
+
+    def __call__(self, host: str, deadline: float, why: str) -> Callable[[], None]:
+        with self._cond:
+            waited = False
+            while True:
+                now = time.monotonic()
+                paused_until = self._paused_until.get(host, 0.0)
+                if paused_until > now:
+                    if paused_until >= deadline:
+                        raise netguard.DownloadDeadlineError(
+                            f"timed out: {host} asked to wait {paused_until - now:.1f} s more (Retry-After), "
+                            f"past the deadline ({why})")
+                    waited = True
+                    self._cond.wait(paused_until - now)
+                    continue
+                if self._active.get(host, 0) < self.max_per_host:
+                    break
+                if now >= deadline:
+                    raise netguard.DownloadDeadlineError(
+                        f"timed out: waiting for one of {host}'s max_connections_per_host={self.max_per_host} "
+                        f"slots ({why})")
+                waited = True
+                self._cond.wait(deadline - now)
+            active = self._active.get(host, 0) + 1
+            self._active[host] = active
+            self.peak[host] = max(self.peak.get(host, 0), active)
+            self.waits += waited
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._cond:
+                if released:
+                    return
+                released = True
+                self._active[host] -= 1
+                self._cond.notify_all()
+
+        return release
+
+
+def user_agent_for(user_agent: str, token: Optional[str]) -> str:
+    """The User-Agent sent: the configured one, with `user_agent_token` appended when it is not already in
+    it (X-Robots-Tag directives addressed to that token then name a crawler the server has seen)."""
+    if token and token.strip().lower() not in user_agent.lower():
+        return f"{user_agent} ({token.strip()})"
+    return user_agent
+
+
+class PoliteOpener:
+    """What img2dataset's `urlopen` calls go through in a shard task (installed as urllib's opener): the
+    configured User-Agent replaces img2dataset's, and a 429 / 503 is retried up to `throttle_retries` times
+    after `throttle_wait` - unless that wait would end past the URL's deadline (max_response_seconds, the
+    shard's deadline), in which case the response stands (`http_429` / `http_503`). While one thread waits
+    its host is paused for all (`HostLimiter.pause`), before its slot is given back."""
+
+    def __init__(self, inner, limiter: HostLimiter, user_agent: str, throttle_retries: int, backoff_s: float,
+                 max_wait_s: float):
+        self.inner, self.limiter, self.user_agent = inner, limiter, user_agent
+        self.throttle_retries, self.backoff_s, self.max_wait_s = throttle_retries, backoff_s, max_wait_s
+        self._lock = threading.Lock()
+        self.retried = 0  # throttled responses that were retried
+        self.gave_up = 0  # throttled responses that were not (too long a wait, or no retries left)
+
+    def open(self, fullurl, data=None, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        if isinstance(fullurl, str):
+            request = urllib.request.Request(fullurl, data)
+        else:
+            request = fullurl
+            if data is not None:
+                request.data = data
+        request.add_header("User-Agent", self.user_agent)
+        attempt = 0
+        while True:
+            try:
+                return self.inner.open(request, timeout=timeout)
+            except urllib.error.HTTPError as err:
+                wait = None
+                if err.code in THROTTLE_STATUSES:
+                    if attempt < self.throttle_retries:
+                        wait = throttle_wait(parse_retry_after(err.headers.get("Retry-After"), time.time()),
+                                             attempt, self.backoff_s, self.max_wait_s)
+                    deadline, _ = self.inner.current_deadline()
+                    if wait is not None and time.monotonic() + wait >= deadline:
+                        wait = None
+                    with self._lock:
+                        if wait is None:
+                            self.gave_up += 1
+                        else:
+                            self.retried += 1
+                if wait is None:
+                    err.close()  # gives the host's slot back now, not when the error is collected
+                    raise
+                # Pause the host first, then give the slot back: its other threads see the pause.
+                self.limiter.pause(host_key(err.geturl() or request.full_url), wait)
+                err.close()
+                attempt += 1
+
+
+# --------------------------------------------------------------------------------------------
 # One shard (plain functions, so they are testable without Ray)
 
 
@@ -218,6 +404,14 @@ class ShardSettings:
     disallowed_header_directives: tuple[str, ...]
     guard: netguard.GuardPolicy
     scratch_dir: Optional[str]
+    # politeness and resume (defaults: what a DownloadConfig's defaults give)
+    user_agent: str = "wurst-download/1.0"
+    max_connections_per_host: int = 4
+    throttle_retries: int = 3
+    retry_backoff_s: float = 1.0
+    max_retry_wait_s: float = 60.0
+    dns_cache_seconds: float = 300.0
+    resume_check: str = "quick"
 
     @classmethod
     def from_config(cls, cfg: DownloadConfig, output_uri: str, columns: list[str], digits: int) -> "ShardSettings":
@@ -227,34 +421,122 @@ class ShardSettings:
                    encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
                    max_aspect_ratio=cfg.max_aspect_ratio, max_image_pixels=cfg.max_image_pixels,
                    compute_hash=cfg.compute_hash, extract_exif=cfg.extract_exif, timeout=cfg.timeout,
-                   max_shard_seconds=cfg.max_shard_seconds, retries=cfg.retries, threads=cfg.threads_per_task, user_agent_token=cfg.user_agent_token,
+                   max_shard_seconds=cfg.max_shard_seconds, retries=cfg.retries, threads=cfg.threads_per_task,
+                   user_agent_token=cfg.user_agent_token,
                    disallowed_header_directives=tuple(cfg.disallowed_header_directives),
                    guard=netguard.GuardPolicy(tuple(cfg.allowed_networks), tuple(cfg.denied_networks),
                                               cfg.max_response_bytes, cfg.max_response_seconds,
                                               cfg.allow_metadata_address),
-                   scratch_dir=cfg.scratch_dir)
+                   scratch_dir=cfg.scratch_dir,
+                   user_agent=user_agent_for(cfg.user_agent, cfg.user_agent_token),
+                   max_connections_per_host=cfg.max_connections_per_host, throttle_retries=cfg.throttle_retries,
+                   retry_backoff_s=cfg.retry_backoff_s, max_retry_wait_s=cfg.max_retry_wait_s,
+                   dns_cache_seconds=cfg.dns_cache_seconds, resume_check=cfg.resume_check)
+
+
+RECORD_FORMAT = 1  # the layout of the `record` in a shard's stats; a shard without one is checked in full
+EDGE_BYTES = 64 * 1024  # how much of each end of a tar the quick resume check reads
+
+
+def _digest(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def _tar_listing(uri: str) -> list[tuple[str, int]]:
+    """(name, size) of every member of a tar, in tar order (reads every header: local use, or a full check)."""
+    with storage.open_input(uri) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        return [(m.name, m.size) for m in tar]
+
+
+def _edge_digest(uri: str, size: int) -> str:
+    """sha256 of a file's size and its first and last EDGE_BYTES (two range reads)."""
+    n = min(EDGE_BYTES, size)
+    with storage.open_input(uri) as f:
+        head, tail = f.read_at(n, 0), f.read_at(n, size - n)
+    return hashlib.sha256(str(size).encode() + b"\0" + head + b"\0" + tail).hexdigest()
+
+
+def _sample_keys(listing: list[tuple[str, int]], encode_format: str) -> list[str]:
+    suffix = "." + encode_format.lower()
+    return sorted(name[: -len(suffix)] for name, _ in listing if name.lower().endswith(suffix))
+
+
+def _success_keys_digest(parquet_uri: str) -> tuple[int, str]:
+    """(rows, digest of the sorted keys whose status is success) of a shard parquet."""
+    with storage.open_input(parquet_uri) as f:
+        table = pq.read_table(f, columns=["key", "status"])
+    keys = table.filter(pc.equal(table.column("status"), "success")).column("key").to_pylist()
+    return table.num_rows, _digest(sorted(keys))
+
+
+def shard_record(tar_path: str, parquet_path: str, encode_format: str) -> dict:
+    """What was written for one shard (local files, before they are published): recorded in its stats so
+    that a resume can check it without reading the tar's headers."""
+    listing = _tar_listing(tar_path)
+    keys = _sample_keys(listing, encode_format)
+    tar_bytes = os.path.getsize(tar_path)
+    return {"format": RECORD_FORMAT, "tar_bytes": tar_bytes, "tar_members": len(listing), "tar_samples": len(keys),
+            "listing_sha256": _digest(f"{name}\t{size}" for name, size in listing),
+            "keys_sha256": _digest(keys), "edge_sha256": _edge_digest(tar_path, tar_bytes),
+            "parquet_bytes": os.path.getsize(parquet_path)}
+
+
+def _why_not_complete(settings: ShardSettings, plan: ShardPlan) -> tuple[Optional[dict], Optional[str]]:
+    """(the recorded summary, None) when shard `plan` is complete on storage, else (None, why not; None when
+    there is no sign of a finished shard at all)."""
+    paths = shard_files(settings.output_uri, plan.name)
+    if not storage.exists(paths["stats"]):
+        return None, None
+    summary = storage.read_json(paths["stats"]).get(STATS_SECTION)
+    if not summary or summary.get("input_rows") != plan.num_rows:
+        return None, f"its stats record {summary and summary.get('input_rows')} input rows, the plan {plan.num_rows}"
+    tar_size = storage.file_info(paths["tar"]).size
+    if tar_size != summary["tar_bytes"]:
+        return None, f"the tar is {tar_size} bytes, {summary['tar_bytes']} were written"
+    record = summary.get("record")
+    if record is not None and record.get("format") == RECORD_FORMAT:
+        if record["tar_samples"] != summary["succeeded"]:
+            return None, f"its record lists {record['tar_samples']} samples, its stats {summary['succeeded']}"
+        parquet_size = storage.file_info(paths["parquet"]).size
+        if parquet_size != record["parquet_bytes"]:
+            return None, f"the parquet is {parquet_size} bytes, {record['parquet_bytes']} were written"
+        if _edge_digest(paths["tar"], tar_size) != record["edge_sha256"]:
+            return None, "the tar's first / last 64 KiB differ from what was written"
+        rows, keys = _success_keys_digest(paths["parquet"])
+        if rows != plan.num_rows:
+            return None, f"the parquet has {rows} rows, the plan {plan.num_rows}"
+        if keys != record["keys_sha256"]:
+            return None, "the parquet's successful keys differ from the tar listing that was written"
+        if settings.resume_check == "full":
+            listing = _tar_listing(paths["tar"])
+            if _digest(f"{name}\t{size}" for name, size in listing) != record["listing_sha256"]:
+                return None, "the tar's listing differs from the one that was written"
+        return summary, None
+    # Written before records existed: count the tar's samples (reads every header).
+    if count_tar_samples(paths["tar"], settings.encode_format) != summary["succeeded"]:
+        return None, f"the tar does not hold the {summary['succeeded']} recorded samples"
+    with storage.open_input(paths["parquet"]) as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    if rows != plan.num_rows:
+        return None, f"the parquet has {rows} rows, the plan {plan.num_rows}"
+    return summary, None
 
 
 def verify_shard(settings: ShardSettings, plan: ShardPlan) -> Optional[dict]:
-    """The recorded summary of a shard that is complete on storage (stats present, tar readable
-    with the recorded size and sample count, parquet with one row per input row), else None."""
-    paths = shard_files(settings.output_uri, plan.name)
-    if not storage.exists(paths["stats"]):
-        return None
+    """The recorded summary of a shard that is complete on storage, else None (logged when there were
+    files that did not check out). With a record (`shard_record`): the tar's and parquet's sizes, the tar's
+    first and last 64 KiB and the parquet's successful keys against what was written - no tar header is
+    read (`resume_check: full` reads and compares the whole listing too). Without one (older shards): the
+    tar's samples are counted."""
     try:
-        summary = storage.read_json(paths["stats"]).get(STATS_SECTION)
-        if not summary or summary.get("input_rows") != plan.num_rows:
-            return None
-        if storage.file_info(paths["tar"]).size != summary["tar_bytes"]:
-            return None
-        if count_tar_samples(paths["tar"], settings.encode_format) != summary["succeeded"]:
-            return None
-        with storage.open_input(paths["parquet"]) as f:
-            if pq.ParquetFile(f).metadata.num_rows != plan.num_rows:
-                return None
-    except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException) as exc:
-        log.warning("shard %s: existing files do not verify (%s); downloading it again", plan.name, exc)
-        return None
+        summary, why = _why_not_complete(settings, plan)
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError, pa.ArrowException) as exc:
+        summary, why = None, f"{type(exc).__name__}: {exc}"
+    if why is not None:
+        log.warning("shard %s: existing files do not verify (%s); downloading it again", plan.name, why)
     return summary
 
 
@@ -334,10 +616,10 @@ def _remove_shard(settings: ShardSettings, name: str) -> None:
 
 
 def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, settings: ShardSettings,
-                            shard_deadline: Optional[float] = None) -> str:
+                            shard_deadline: Optional[float] = None) -> tuple[str, dict]:
     """Run img2dataset's downloader (+ our SafeResizer in front of its Resizer, its webdataset
-    writer) on one shard, in this process, with the guarded urllib opener installed. Returns
-    img2dataset's output folder."""
+    writer) on one shard, in this process, with the polite, guarded urllib opener installed. Returns
+    img2dataset's output folder and the shard's politeness counts."""
     import urllib.request
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before img2dataset imports albumentations
@@ -373,13 +655,22 @@ def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, setti
         compute_hash=settings.compute_hash, verify_hash_type=None, encode_format=settings.encode_format,
         retries=settings.retries, user_agent_token=settings.user_agent_token,
         disallowed_header_directives=list(settings.disallowed_header_directives) or None)
+    # One resolver cache and one set of host slots per shard task, shared by its threads.
+    resolver = netguard.CachingResolver(settings.dns_cache_seconds)
+    limiter = HostLimiter(settings.max_connections_per_host)
+    opener = PoliteOpener(settings.guard.opener(shard_deadline, resolver=resolver, gate=limiter), limiter,
+                          settings.user_agent, settings.throttle_retries, settings.retry_backoff_s,
+                          settings.max_retry_wait_s)
     previous_opener = urllib.request._opener  # restored so the worker process is left as found
-    urllib.request.install_opener(settings.guard.opener(shard_deadline))
+    urllib.request.install_opener(opener)
     try:
         downloader.download_shard((shard_id, shard_file))
     finally:
         urllib.request.install_opener(previous_opener)
-    return out_dir
+    politeness = {"throttled_retried": opener.retried, "throttled_not_retried": opener.gave_up,
+                  "waited_for_host": limiter.waits, "peak_connections_per_host": max(limiter.peak.values(), default=0),
+                  "dns_lookups": resolver.lookups, "dns_cache_hits": resolver.hits}
+    return out_dir, politeness
 
 
 def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -> dict:
@@ -402,7 +693,7 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
         raise DownloadInputError(f"shard {plan.name} (input {first_file}...): column 'uid' has null or duplicate values; "
                          f"the filter phase guarantees unique uids")
     with tempfile.TemporaryDirectory(prefix=f"wurst-download-{plan.name}-", dir=settings.scratch_dir) as work:
-        out_dir = _fetch_with_img2dataset(table, work, plan.shard_id, settings, shard_deadline)
+        out_dir, politeness = _fetch_with_img2dataset(table, work, plan.shard_id, settings, shard_deadline)
         local = {"tar": os.path.join(out_dir, f"{plan.name}.tar"),
                  "parquet": os.path.join(out_dir, f"{plan.name}.parquet"),
                  "stats": os.path.join(out_dir, f"{plan.name}_stats.json")}
@@ -411,7 +702,8 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
                 raise RuntimeError(f"shard {plan.name}: img2dataset wrote no {kind} file")
         results = pq.read_table(local["parquet"], columns=["uid", "status", "error_message"])
         succeeded, failures, examples = summarize_results(results, uids)
-        tar_samples = count_tar_samples(local["tar"], settings.encode_format)
+        record = shard_record(local["tar"], local["parquet"], settings.encode_format)
+        tar_samples = record["tar_samples"]
         if tar_samples != succeeded:
             raise RuntimeError(f"shard {plan.name}: tar holds {tar_samples} images, results say {succeeded}")
         if succeeded + sum(failures.values()) != plan.num_rows:
@@ -421,11 +713,11 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
             stats = json.load(f)
         summary = {"shard": plan.name, "input_rows": plan.num_rows, "succeeded": succeeded,
                    "failures": dict(sorted(failures.items())), "failure_examples": examples,
-                   "repaired": repaired,
-                   "tar_bytes": os.path.getsize(local["tar"]), "attempt": attempt,
+                   "repaired": repaired, "politeness": politeness,
+                   "tar_bytes": record["tar_bytes"], "record": record, "attempt": attempt,
                    "duration_s": round(time.time() - started, 3)}
         stats[STATS_SECTION] = summary
-        # Data first, the stats file last: its presence is what marks the shard complete.
+        # Data first, the stats file last: its presence (and its record) is what marks the shard complete.
         _publish(local["tar"], shard_files(settings.output_uri, plan.name)["tar"])
         _publish(local["parquet"], shard_files(settings.output_uri, plan.name)["parquet"])
         storage.write_json(shard_files(settings.output_uri, plan.name)["stats"], stats)

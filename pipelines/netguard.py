@@ -22,6 +22,12 @@ The cloud metadata endpoints (169.254.169.254, fd00:ec2::254) stay refused even 
 `allowed_networks` covers them (`["0.0.0.0/0"]` would otherwise open them silently): they need
 `allow_metadata_address=True` as well, which the download phase announces with a loud warning.
 
+Two optional hooks of the opener serve the download phase's politeness (`pipelines.download_task`):
+a `CachingResolver` answers repeated lookups of a host from memory for a while (one per shard task) -
+every answer, cached or fresh, still goes through `check_ip` address by address before a connection is
+made; and a connection `gate` is asked for a slot before each connection is opened (a per-host limit),
+which the response gives back when its body has been read or it is closed.
+
 Blocked connections raise `BlockedAddressError` whose message starts with `blocked_address`, which
 is how the download phase counts them.
 """
@@ -40,7 +46,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +173,73 @@ def effective_address(ip: IPAddress) -> IPAddress:
 
 
 # --------------------------------------------------------------------------------------------
+# Resolution, with an optional per-task cache
+
+
+def _system_getaddrinfo(host: str, port: Optional[int]) -> list:
+    # Looked up at call time (not bound at import), so a test's resolver stand-in is seen.
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+# Lookup failures that are answers (the name has no address) and are cached like addresses; a temporary
+# failure (EAI_AGAIN: the resolver did not answer) is not.
+_CACHEABLE_GAI_ERRORS = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL")
+                                  if hasattr(socket, name))
+
+
+class CachingResolver:
+    """`getaddrinfo(host, port)` answers kept for `max_age_s` seconds (0: nothing kept), shared by the threads
+    of one shard task. A cache of answers only: whoever uses them still checks every address
+    (`GuardPolicy.create_connection` / `check` do). getaddrinfo gives no TTLs, so the age is ours; a local
+    caching resolver (unbound, dnsmasq) is what honours the records' TTLs across tasks and machines.
+    `lookup(host, port)` and `clock()` are replaceable (tests: no network, no waiting)."""
+
+    def __init__(self, max_age_s: float = 300.0, lookup: Optional[Callable[[str, Optional[int]], list]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_age_s = max_age_s
+        self._lookup = lookup or _system_getaddrinfo
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answers: dict[str, tuple[float, object]] = {}
+        self.hits = 0
+        self.lookups = 0
+
+    def getaddrinfo(self, host: str, port: Optional[int]) -> list:
+        """getaddrinfo(host, port, 0, SOCK_STREAM), from the cache when fresh. Answers are kept per host name
+        (looked up without a port) and given the port asked for."""
+        return [(family, type_, proto, canonname, (sockaddr[0], port or 0, *sockaddr[2:]))
+                for family, type_, proto, canonname, sockaddr in self._host_answer(host)]
+
+    def _host_answer(self, host: str) -> list:
+        key = host.lower().rstrip(".")
+        now = self._clock()
+        with self._lock:
+            cached = self._answers.get(key)
+            if cached is not None and now < cached[0]:
+                self.hits += 1
+                answer = cached[1]
+                if isinstance(answer, BaseException):
+                    raise socket.gaierror(*answer.args)
+                return list(answer)
+            self.lookups += 1
+        try:
+            answer = list(self._lookup(host, None))
+        except socket.gaierror as exc:
+            if self.max_age_s > 0 and exc.args and exc.args[0] in _CACHEABLE_GAI_ERRORS:
+                with self._lock:
+                    self._answers[key] = (now + self.max_age_s, exc)
+            raise
+        if self.max_age_s > 0:
+            with self._lock:
+                self._answers[key] = (now + self.max_age_s, tuple(answer))
+        return answer
+
+
+def _resolve(resolver: Optional[CachingResolver], host: str, port: Optional[int]) -> list:
+    return resolver.getaddrinfo(host, port) if resolver is not None else _system_getaddrinfo(host, port)
+
+
+# --------------------------------------------------------------------------------------------
 # The decision
 
 
@@ -252,9 +325,10 @@ class GuardPolicy:
             return Verdict(True, f"{BLOCKED_REASON}: {shown} is {why}", (str(ip),))
         return Verdict(False, f"{shown} is public", (str(ip),))
 
-    def check(self, url_or_host: str) -> Verdict:
-        """Decide for a URL, an address in any spelling, or a host name (resolved, not connected).
-        A name is blocked when any of its addresses is; an unresolvable name is blocked too."""
+    def check(self, url_or_host: str, resolver: Optional[CachingResolver] = None) -> Verdict:
+        """Decide for a URL, an address in any spelling, or a host name (resolved, through `resolver` when
+        given, never connected). A name is blocked when any of its addresses is; an unresolvable name is
+        blocked too. A cached answer is checked exactly as a fresh one."""
         try:
             host = host_of(url_or_host)
             ip = parse_ip_literal(host)
@@ -263,7 +337,7 @@ class GuardPolicy:
         if ip is not None:
             return self.check_ip(ip)
         try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            infos = _resolve(resolver, host, None)
         except (socket.gaierror, UnicodeError) as exc:
             return Verdict(True, f"{BLOCKED_REASON}: {host!r} does not resolve ({exc})")
         verdicts = [self.check_ip(_sockaddr_ip(info[4])) for info in infos]
@@ -278,13 +352,15 @@ class GuardPolicy:
     # Enforcement
 
     def create_connection(self, address: tuple[str, int], timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
-                          source_address=None, *, all_errors: bool = False) -> socket.socket:
-        """`socket.create_connection` that refuses blocked addresses: resolve once, check each
-        resolved address, connect to exactly the checked one."""
+                          source_address=None, *, all_errors: bool = False,
+                          resolver: Optional[CachingResolver] = None) -> socket.socket:
+        """`socket.create_connection` that refuses blocked addresses: resolve once (through `resolver`
+        when given), check each resolved address, connect to exactly the checked one. The check runs on
+        every call, whether the answer came from the resolver's cache or not."""
         host, port = address
         refusals: list[str] = []
         last_error: Optional[OSError] = None
-        for family, type_, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        for family, type_, proto, _, sockaddr in _resolve(resolver, host, port):
             verdict = self.check_ip(_sockaddr_ip(sockaddr))
             if verdict.blocked:
                 refusals.append(verdict.reason.removeprefix(BLOCKED_REASON + ": "))
@@ -304,15 +380,21 @@ class GuardPolicy:
             raise last_error
         raise BlockedAddressError(f"{BLOCKED_REASON}: refusing to connect to {host}: " + "; ".join(refusals))
 
-    def opener(self, shard_deadline: Optional[float] = None) -> urllib.request.OpenerDirector:
+    def opener(self, shard_deadline: Optional[float] = None, *, resolver: Optional[CachingResolver] = None,
+               gate: Optional["ConnectionGate"] = None) -> "_DeadlineOpener":
         """A urllib opener for http/https only, every connection (redirects included) guarded, each URL
         bounded by `max_response_seconds` and, when given, by `shard_deadline` (a `time.monotonic()`
-        instant after which no request starts or reads any more)."""
+        instant after which no request starts or reads any more). `resolver`: where host names are looked
+        up (default: the system's getaddrinfo each time). `gate(host, deadline, why)`: called before each
+        connection is opened (`host` is "name:port", lower case), may wait until `deadline`, returns the
+        function that gives its slot back (called once, when the response is read to its end or closed,
+        or when the connection fails)."""
         director = _DeadlineOpener(self.max_response_seconds, shard_deadline)
+        hooks = _ConnectionHooks(self, director.current_deadline, resolver, gate)
         for handler in (urllib.request.ProxyHandler({}),  # no proxies: see module docstring
                         urllib.request.UnknownHandler(),
-                        _GuardedHTTPHandler(self, director.current_deadline),
-                        _GuardedHTTPSHandler(self, director.current_deadline),
+                        _GuardedHTTPHandler(hooks),
+                        _GuardedHTTPSHandler(hooks),
                         urllib.request.HTTPDefaultErrorHandler(),
                         urllib.request.HTTPRedirectHandler(),
                         urllib.request.HTTPErrorProcessor()):
@@ -333,6 +415,17 @@ def is_blocked(ip_or_host_address: str, allowed_networks: Sequence[str] = (),
 
 # --------------------------------------------------------------------------------------------
 # http.client / urllib plumbing
+
+# gate(host "name:port", deadline (monotonic), why the deadline exists) -> release()
+ConnectionGate = Callable[[str, float, str], Callable[[], None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConnectionHooks:
+    policy: GuardPolicy
+    deadline_source: Callable[[], tuple[float, str]]
+    resolver: Optional[CachingResolver] = None
+    gate: Optional[ConnectionGate] = None
 
 
 class _DeadlineOpener(urllib.request.OpenerDirector):
@@ -405,7 +498,9 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _LimitedHTTPResponse(http.client.HTTPResponse):
-    """Caps the body size, and bounds every read (status line, headers, body) by the URL's deadline."""
+    """Caps the body size, and bounds every read (status line, headers, body) by the URL's deadline.
+    Holds the connection's gate slot once the connection hands it over, and gives it back when the body
+    has been read to its end or the response is closed, whichever comes first."""
 
     def __init__(self, sock, *args, max_bytes: int, deadline: float, why: str, **kwargs):
         super().__init__(sock, *args, **kwargs)
@@ -413,6 +508,24 @@ class _LimitedHTTPResponse(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, why))
         self._max_bytes = max_bytes
         self._received = 0
+        self._release_slot: Optional[Callable[[], None]] = None
+
+    def _give_back_slot(self) -> None:
+        release, self._release_slot = self._release_slot, None
+        if release is not None:
+            release()
+
+    def _close_conn(self):  # the body's end (or an error): the connection is done with
+        try:
+            super()._close_conn()
+        finally:
+            self._give_back_slot()
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            self._give_back_slot()
 
     def _account(self, n: int) -> None:
         self._received += n
@@ -437,53 +550,92 @@ class _LimitedHTTPResponse(http.client.HTTPResponse):
 
 
 class _DeadlineConnectionMixin:
-    """Connects through the guard, with the connect timeout cut to the time the URL has left, and binds
-    the URL's deadline to the response it will read."""
+    """Connects through the guard (and the gate, when there is one), with the connect timeout cut to the
+    time the URL has left, and binds the URL's deadline to the response it will read."""
 
-    def _setup_guard(self, policy: GuardPolicy, deadline_source) -> None:
+    def _setup_guard(self, hooks: _ConnectionHooks) -> None:
         # HTTPConnection.connect() (and HTTPSConnection.connect(), before wrapping TLS) opens its socket
         # through self._create_connection; replacing it is the documented-by-source hook.
-        self._create_connection = policy.create_connection
-        self._policy = policy
-        self._deadline_source = deadline_source
+        self._create_connection = functools.partial(hooks.policy.create_connection, resolver=hooks.resolver)
+        self._hooks = hooks
+        self._release_slot: Optional[Callable[[], None]] = None
+
+    def _give_back_slot(self) -> None:
+        release, self._release_slot = getattr(self, "_release_slot", None), None
+        if release is not None:
+            release()
 
     def connect(self):
-        deadline, why = self._deadline_source()
-        left = deadline - time.monotonic()
-        if left <= 0:
+        deadline, why = self._hooks.deadline_source()
+        if deadline - time.monotonic() <= 0:
             raise DownloadDeadlineError(f"timed out: {why}")
-        if not isinstance(self.timeout, (int, float)) or self.timeout > left:
-            self.timeout = left
-        self.response_class = functools.partial(_LimitedHTTPResponse, max_bytes=self._policy.max_response_bytes,
-                                                deadline=deadline, why=why)
-        super().connect()
+        if self._hooks.gate is not None and self._release_slot is None:
+            # May wait for the host's slot (never past the deadline): the timeout below is what is left after.
+            self._release_slot = self._hooks.gate(f"{self.host.lower()}:{self.port}", deadline, why)
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DownloadDeadlineError(f"timed out: {why}")
+            if not isinstance(self.timeout, (int, float)) or self.timeout > left:
+                self.timeout = left
+            self.response_class = functools.partial(_LimitedHTTPResponse,
+                                                    max_bytes=self._hooks.policy.max_response_bytes,
+                                                    deadline=deadline, why=why)
+            super().connect()
+        except BaseException:
+            self._give_back_slot()
+            raise
+
+    def getresponse(self):
+        # http.client closes the connection inside getresponse() when the response ends it ("passes the
+        # connection to the response"): the slot must survive that and pass to the response too.
+        self._handing_over = True
+        try:
+            response = super().getresponse()
+        except BaseException:
+            self._handing_over = False
+            self._give_back_slot()
+            raise
+        self._handing_over = False
+        if isinstance(response, _LimitedHTTPResponse) and not response.isclosed():
+            response._release_slot, self._release_slot = self._release_slot, None  # the response holds it now
+        else:
+            self._give_back_slot()
+        return response
+
+    def close(self):
+        try:
+            super().close()
+        finally:
+            if not getattr(self, "_handing_over", False):
+                self._give_back_slot()
 
 
 class _GuardedHTTPConnection(_DeadlineConnectionMixin, http.client.HTTPConnection):
-    def __init__(self, *args, policy: GuardPolicy, deadline_source, **kwargs):
+    def __init__(self, *args, hooks: _ConnectionHooks, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup_guard(policy, deadline_source)
+        self._setup_guard(hooks)
 
 
 class _GuardedHTTPSConnection(_DeadlineConnectionMixin, http.client.HTTPSConnection):
-    def __init__(self, *args, policy: GuardPolicy, deadline_source, **kwargs):
+    def __init__(self, *args, hooks: _ConnectionHooks, **kwargs):
         super().__init__(*args, **kwargs)
-        self._setup_guard(policy, deadline_source)
+        self._setup_guard(hooks)
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: GuardPolicy, deadline_source):
+    def __init__(self, hooks: _ConnectionHooks):
         super().__init__()
-        self._connection = functools.partial(_GuardedHTTPConnection, policy=policy, deadline_source=deadline_source)
+        self._connection = functools.partial(_GuardedHTTPConnection, hooks=hooks)
 
     def http_open(self, req):
         return self.do_open(self._connection, req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: GuardPolicy, deadline_source):
+    def __init__(self, hooks: _ConnectionHooks):
         super().__init__()
-        self._connection = functools.partial(_GuardedHTTPSConnection, policy=policy, deadline_source=deadline_source)
+        self._connection = functools.partial(_GuardedHTTPSConnection, hooks=hooks)
 
     def https_open(self, req):
         kwargs = {"context": self._context}
