@@ -370,6 +370,16 @@ def test_429_and_503_are_retried_after_their_retry_after(tmp_path, server):
 
 
 @pytest.mark.timeout(120)
+def test_a_retry_after_past_the_url_deadline_is_not_waited_for(tmp_path, server):
+    # Within max_retry_wait_s, but the URL's own deadline (max_response_seconds) would pass first.
+    url = server.script("/t429/4", [(429, (("Retry-After", "3"),))])
+    summary = run_shard(tmp_path, [url, server.url("/img/650")], max_response_seconds=2.0, max_retry_wait_s=10.0)
+    assert server.hits("/t429/4") == 1
+    assert summary["succeeded"] == 1 and summary["failures"] == {"http_429": 1}
+    assert summary["politeness"]["throttled_not_retried"] == 1
+
+
+@pytest.mark.timeout(120)
 def test_a_retry_after_pauses_the_whole_host(tmp_path, server):
     # One connection at a time to host 1: the 429's thread pauses the host before giving its slot back,
     # so whichever request comes next (another thread's URL or the retry) arrives after the pause.
