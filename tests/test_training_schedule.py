@@ -19,6 +19,9 @@ from pipelines import config as config_lib
 from pipelines import export_layout
 from pipelines.config import ConfigError
 from pipelines.precompute import PrecomputeConfig
+from pipelines import generate
+from stages import sampling
+from stages.stage_b import StageBConfig
 from pipelines.training import driver
 from pipelines.training.config import EXPORT_DIR, METRICS_FILE, TRACE_DIR, TrainConfig
 from pipelines.training.driver import fit_local, plan_run
@@ -101,8 +104,14 @@ def test_precompute_configs_write_the_ratio_their_stage_b_config_trains_at(preco
     cfg = config_lib.load(PrecomputeConfig, os.path.join(REPO, "configs", precompute),
                           ["encoders.text=t", "encoders.semantic=s", "encoders.stage_a=a"])
     # EfficientNetV2-S has stride 32 (384 px -> 12x12, tests/test_semantic_text.py); Stage A downsamples by 4.
-    semantic, stage_a = cfg.semantic_resolution // 32, cfg.stage_a_resolution // StageAConfig.paper().downscale
-    StageBSpec.check_latent_ratio({"semantic": [16, semantic, semantic], "stage_a": [4, stage_a, stage_a]}, precompute)
+    # Every aspect-ratio bucket too (precompute-1024.yaml): generation at the bucket's size samples its shapes.
+    downscale = StageAConfig.paper().downscale
+    for bucket in cfg.bucket_sizes():
+        semantic = [side // 32 for side in bucket["semantic"]]
+        stage_a = [side // downscale for side in bucket["stage_a"]]
+        StageBSpec.check_latent_ratio({"semantic": [16, *semantic], "stage_a": [4, *stage_a]}, precompute)
+        assert sampling.stage_c_latent_size(*bucket["stage_a"]) == tuple(semantic)
+        generate.check_image_size(*bucket["stage_a"], StageBConfig.paper().latent_multiple, downscale)
     overrides = ["model.init_from=x"] if train == "train-b-1024.yaml" else []
     assert paper_config(train, tmp_path, *overrides).data.allow_latent_ratio_mismatch is False
 
