@@ -353,18 +353,28 @@ def _valid(column: pa.ChunkedArray) -> np.ndarray:
 COMPACT_BELOW = 0.5
 
 
-def apply_filters(table: pa.Table, cfg: FiltersConfig) -> tuple[np.ndarray, list[FilterStep]]:
+def apply_filters(table: pa.Table, cfg: FiltersConfig, reason_codes: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, list[FilterStep]]:
     """Run the enabled filters in order over `table`.
 
     Returns the keep mask over the rows of `table` (numpy bool) and one `FilterStep` per enabled
     filter with the rows it removed per reason; `table.num_rows == mask.sum() + all removed`.
     Each filter sees a table of just its columns; once most rows are gone, those columns are
-    copied for the surviving rows only (a filter never pays for columns it does not read)."""
+    copied for the surviving rows only (a filter never pays for columns it does not read).
+    `reason_codes` (int16, one per row, filled with -1): set to each removed row's reason, as an index
+    into `reason_list(cfg)` (for sampling removed rows per reason)."""
     rows = table.num_rows
     positions: np.ndarray | None = None  # rows of `table` in the working set; None: all of them
     compacted: dict[str, pa.ChunkedArray | pa.Array] = {}  # columns restricted to `positions`
     alive = np.ones(rows, dtype=bool)  # over the working set
     steps = []
+    code = 0
+
+    def mark(removed_now: np.ndarray) -> None:
+        if reason_codes is not None and removed_now.any():
+            at = np.flatnonzero(removed_now)
+            reason_codes[at if positions is None else positions[at]] = code
+
     for name, rule, reasons in step_reasons(cfg):
         spec = REGISTRY[name]
         if positions is not None:
@@ -376,12 +386,16 @@ def apply_filters(table: pa.Table, cfg: FiltersConfig) -> tuple[np.ndarray, list
         for reason in reasons[:-1]:
             nulls = alive & ~_valid(view.column(reason[len("null_"):]))
             removed[reason] = int(nulls.sum())
+            mark(nulls)
+            code += 1
             alive &= ~nulls
         keep, reason = spec.func(view, getattr(cfg, name))
         if reason != name:
             raise AssertionError(f"filter {name!r} reported reason {reason!r}")
         rejected = alive & ~_to_numpy_bool(keep)
         removed[name] = int(rejected.sum())
+        mark(rejected)
+        code += 1
         alive &= ~rejected
         steps.append(FilterStep(name, rule, removed))
         if len(alive) and alive.sum() < COMPACT_BELOW * len(alive):
@@ -394,6 +408,13 @@ def apply_filters(table: pa.Table, cfg: FiltersConfig) -> tuple[np.ndarray, list
     mask = np.zeros(rows, dtype=bool)
     mask[positions[alive]] = True
     return mask, steps
+
+
+def reason_list(cfg: FiltersConfig) -> list[tuple[str, str, list[str]]]:
+    """Every removal reason in run order, as (reason, filter, the filter's columns): what `apply_filters`'
+    reason codes index."""
+    return [(reason, name, list(REGISTRY[name].columns))
+            for name, _, reasons in step_reasons(cfg) for reason in reasons]
 
 
 def merge_steps(total: list[FilterStep] | None, part: list[FilterStep]) -> list[FilterStep]:

@@ -24,9 +24,9 @@ import logging
 import time
 from typing import Optional, Union
 
-from data_filters import dedup, filters, schema
+from data_filters import dedup, filters, profile, schema
 from pipelines import manifest as manifest_lib
-from pipelines import storage, tracking
+from pipelines import reports, storage, tracking
 from pipelines.config import ConfigError, param
 from pipelines.filter_tasks import (FilterInputError, Plan, dedup_bucket, filter_unit, input_uris, preflight,
                                     stage_context, unit_row)
@@ -40,7 +40,7 @@ OUTPUT_SUBDIR = "filtered"
 TMP_DIR = "_work.tmp"
 FUNNEL = "funnel.json"
 # Settings that cannot change the output: they are left out of the version hash.
-VERSION_EXCLUDE = ("input", "output", "data_root", "read", "ray", "mlflow")
+VERSION_EXCLUDE = ("input", "output", "data_root", "read", "report", "ray", "mlflow")
 
 
 @dataclasses.dataclass
@@ -82,6 +82,14 @@ class ReadConfig:
 
 
 @dataclasses.dataclass
+class ReportConfig:
+    # report/ next to funnel.json (and in MLflow): the funnel chart, histograms of the filtered columns over the
+    # input with the thresholds drawn, sampled removed rows per reason, report.html. Same pass over the input.
+    enabled: bool = True
+    samples_per_reason: int = param(8, ge=0, le=1000)
+
+
+@dataclasses.dataclass
 class FilterConfig:
     # LAION parquet: a file, a directory (searched recursively for *.parquet) or a list of them.
     input: Optional[Union[str, list[str]]] = None
@@ -94,6 +102,7 @@ class FilterConfig:
     filters: filters.FiltersConfig = dataclasses.field(default_factory=filters.FiltersConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     read: ReadConfig = dataclasses.field(default_factory=ReadConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
@@ -219,7 +228,22 @@ def _metrics(funnel: dict) -> dict[str, float]:
     for step in funnel["filters"]:
         for reason, count in step["removed"].items():
             metrics[f"removed.{reason}"] = count
+        # The funnel as metrics of the same names in every run: the compare view lines two thresholds up.
+        metrics[f"rows_after.{step['filter']}"] = step["rows_after"]
     return metrics
+
+
+def write_report(ctx: Context, funnel: dict, unit_results: list[dict]) -> dict:
+    """report/ from the filter tasks' histograms and samples (merged in input order), logged to MLflow."""
+    cfg = ctx.cfg
+    hists: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for result in sorted(unit_results, key=lambda r: r["unit"]):
+        profile.merge_histograms(hists, result.get("histograms") or {})
+        profile.merge_samples(samples, result.get("samples") or {}, cfg.report.samples_per_reason)
+    files = reports.filter_report(ctx.output, ctx.version, funnel, hists, profile.thresholds(cfg.filters), samples)
+    ctx.log_files(files, reports.REPORT_DIR)
+    return files
 
 
 class FilterPhase(Phase):
@@ -311,6 +335,7 @@ class FilterPhase(Phase):
         metrics.update({"seconds": seconds, "rows_per_second": funnel["rows_read"] / max(seconds, 1e-9)})
         ctx.log_metrics(metrics)
         ctx.log_dict(funnel, FUNNEL)
+        report = write_report(ctx, funnel, good_units) if cfg.report.enabled else {}
         storage.delete(tmp_uri)
         log.info("done: %d rows read, %d after filters, %d duplicates, %d written in %.1f s", funnel["rows_read"],
                  funnel["rows_after_filters"], funnel["duplicates_removed"], funnel["rows_written"], seconds)
@@ -320,7 +345,8 @@ class FilterPhase(Phase):
         extra = {"columns": {f.name: str(f.type) for f in stage.part_schema if f.name != dedup.SOURCE_POSITION},
                  "parts": [{"file": name, "rows": rows} for name, rows in parts],
                  "duplicates_dir": "duplicates" if cfg.dedup.enabled and cfg.dedup.record_duplicates else None,
-                 "funnel": FUNNEL}
+                 "funnel": FUNNEL,
+                 "report": storage.join(reports.REPORT_DIR, reports.REPORT_HTML) if report else None}
         return Outcome(counts=counts, extra=extra, details={"funnel": funnel, "resumed": resumed})
 
 

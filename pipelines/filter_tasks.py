@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_filters import dedup, filters, schema
+from data_filters import dedup, filters, profile, schema
 from pipelines import manifest as manifest_lib
 from pipelines import storage
 from pipelines.config import ConfigError
@@ -217,6 +217,9 @@ class StageContext:
     record_duplicates: bool
     temp_compression: Optional[str]
     part_schema: pa.Schema  # output schema + the _src tie-breaker
+    # The report (pipelines.reports): removed rows sampled per reason per task, histograms of the input.
+    report_samples: int = 0
+    report_histograms: bool = False
 
 
 def stage_context(cfg: FilterConfig, plan: Plan, tmp_uri: str) -> StageContext:
@@ -225,7 +228,9 @@ def stage_context(cfg: FilterConfig, plan: Plan, tmp_uri: str) -> StageContext:
                         num_buckets=plan.num_buckets, tmp_uri=tmp_uri, batch_rows=cfg.read.batch_rows,
                         buffer_rows=cfg.read.buffer_rows, dedup_enabled=cfg.dedup.enabled,
                         record_duplicates=cfg.dedup.record_duplicates, temp_compression=cfg.read.temp_compression,
-                        part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())))
+                        part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())),
+                        report_samples=cfg.report.samples_per_reason if cfg.report.enabled else 0,
+                        report_histograms=cfg.report.enabled)
 
 
 def unit_row(unit: Unit, plan: Plan) -> dict[str, str]:
@@ -340,10 +345,19 @@ def filter_unit(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     rows_read = survivors = 0
     position = unit["first_row"]
     source_base = unit["file_index"] << ROW_BITS
+    hists: dict[str, dict] = {}
+    samples: dict[str, list] = {}
     try:
         for rows, normalised in _normalised_batches(unit, ctx):
-            keep, batch_steps = filters.apply_filters(normalised, ctx.filters)
+            codes = np.full(normalised.num_rows, -1, dtype=np.int16) if ctx.report_samples else None
+            keep, batch_steps = filters.apply_filters(normalised, ctx.filters, codes)
             filters.merge_steps(steps, batch_steps)
+            if ctx.report_histograms:  # the same pass: the batch is in memory already
+                profile.merge_histograms(hists, profile.histograms(normalised))
+            if codes is not None:
+                have = {reason: len(rows_) for reason, rows_ in samples.items()}
+                profile.merge_samples(samples, profile.sample_removed(normalised, codes, ctx.filters,
+                                                                     ctx.report_samples, have), ctx.report_samples)
             kept_rows = np.flatnonzero(keep)
             if len(kept_rows):
                 kept = normalised.take(pa.array(kept_rows))
@@ -363,6 +377,7 @@ def filter_unit(row: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     spill.flush()
     result = {"unit": unit["index"], "file_index": unit["file_index"], "rows_read": rows_read,
               "survivors": survivors, "steps": [dataclasses.asdict(s) for s in steps],
+              "histograms": hists, "samples": samples,
               "buckets": {str(b): files for b, files in spill.files.items()}}
     storage.write_json(_unit_marker(ctx.tmp_uri, unit["index"]), result)
     return {"unit": unit["index"], "status": "ok", "error": "", "result": json.dumps(result)}

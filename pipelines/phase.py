@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -169,6 +170,15 @@ class Context:
 
             mlflow.set_tags(tags)
 
+    def log_files(self, files: dict[str, str], artifact_path: str) -> None:
+        """Files ({name: uri}, e.g. a report's) as the run's artifacts under `artifact_path`."""
+        if self.mlflow_run is None:
+            return
+        import mlflow
+
+        for name, uri in files.items():
+            mlflow.log_artifact(storage.local_copy(uri), artifact_path)
+
 
 class Phase:
     """A dataset-producing phase. Subclasses set the class attributes and implement `execute`."""
@@ -228,7 +238,21 @@ class Phase:
         return ctx.input_uri
 
     def mlflow_run_name(self, ctx: Context) -> str:
-        return self.mlflow_config(ctx.cfg).run_name or f"{self.name}-{ctx.version}"
+        """`mlflow.run_name`, else `<phase>-<version, 8>-<input>-<UTC date>`, e.g.
+        `download-c85fa064-filter-d1148665-20261203` (the input: its phase and version, or its last path part)."""
+        configured = self.mlflow_config(ctx.cfg).run_name
+        if configured:
+            return configured
+        source = tracking.dataset_entry(ctx.input_uri)["name"].replace("/", "-") if ctx.input_uri else None
+        if source and "-" in source and len(source.split("-")[-1]) > 8:  # <phase>-<full version hash>
+            source = source[:source.rindex("-") + 9]
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+        return "-".join(p for p in (self.name, ctx.version[:8], source, date) if p)
+
+    def output_dataset(self, ctx: Context, manifest: dict) -> Optional[dict]:
+        """The output as MLflow lists it (`tracking.dataset_entry`); None for phases whose output is no dataset."""
+        return tracking.dataset_entry(ctx.output, name=f"{self.name}/{ctx.version}",
+                                      digest=manifest_lib.manifest_hash(ctx.output), rows=tracking.dataset_rows(manifest))
 
     def mlflow_tags(self, ctx: Context) -> dict:
         return {"wurst.output_uri": ctx.output, "wurst.version": ctx.version}
@@ -288,13 +312,18 @@ class Phase:
             self.prepare(ctx)
             with tracking.start_run(self.name, cfg, data_root=cfg.data_root, mlflow_cfg=self.mlflow_config(cfg),
                                     input_uri=self.lineage_input(ctx), run_name=self.mlflow_run_name(ctx),
-                                    run_id=self.resume_run_id(ctx), tags=self.mlflow_tags(ctx)) as mlflow_run:
+                                    run_id=self.resume_run_id(ctx), tags=self.mlflow_tags(ctx),
+                                    description=self.description) as mlflow_run:
                 ctx.mlflow_run = mlflow_run
                 outcome = self.execute(ctx)
                 manifest = manifest_lib.write(output, phase=self.name, cfg=cfg, input_uri=self.lineage_input(ctx),
                                               input_id=input_id, counts=outcome.counts, extra=outcome.extra,
                                               mlflow_run_id=ctx.run_id)
                 self.record(ctx, manifest)
+                if ctx.mlflow_run is not None:
+                    produced = self.output_dataset(ctx, manifest)
+                    tracking.log_datasets([tracking.dataset_entry(ctx.input_uri)] if self.lineage_input(ctx) else [],
+                                          [produced] if produced else [])
         except InputError:
             self.discard(ctx)
             raise

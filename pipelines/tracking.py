@@ -1,6 +1,7 @@
 """The one way every phase opens its MLflow run.
 
-Experiment per phase (`wurst-<phase>`), a run name, lineage tags (phase, config hash, input
+Experiment per phase (`wurst-<phase>`, described by the phase), a readable run name, the input and output
+datasets (MLflow's dataset tracking: the UI's Dataset column), lineage tags (phase, config hash, input
 manifest hash, git commit), the resolved config as flattened params with secrets redacted, and
 system metrics on. The embedded default store is a SQLite file under the data root, so a laptop
 needs no server; `MLFLOW_TRACKING_URI` (or the config's `mlflow.tracking_uri`) points at a real one.
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import urllib.parse
+import warnings
 from typing import Any, Iterator, Optional
 
 from pipelines import config as config_lib
@@ -57,9 +60,14 @@ def experiment_name(phase: str, cfg: MlflowConfig | None = None) -> str:
     return f"{prefix}-{phase}" if prefix else phase
 
 
-def _ensure_experiment(client, name: str, tracking_uri: str, data_root: str) -> str:
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows as an experiment's description
+
+
+def _ensure_experiment(client, name: str, tracking_uri: str, data_root: str, description: str | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if description and not (exp.tags or {}).get(DESCRIPTION_TAG):
+            client.set_experiment_tag(exp.experiment_id, DESCRIPTION_TAG, description)
         return exp.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:"):
@@ -67,7 +75,8 @@ def _ensure_experiment(client, name: str, tracking_uri: str, data_root: str) -> 
         root = storage.local_path(data_root)
         artifact_location = "file://" + os.path.join(root, "mlartifacts", name)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={DESCRIPTION_TAG: description} if description else None)
     except Exception:  # noqa: BLE001 - a concurrent phase created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -107,7 +116,8 @@ def lineage_tags(phase: str, cfg: Any, input_uri: str | None = None) -> dict[str
 @contextlib.contextmanager
 def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig | None = None,
               input_uri: str | None = None, run_name: str | None = None, run_id: str | None = None,
-              tags: dict[str, str] | None = None, log_params: bool = True) -> Iterator[Any]:
+              tags: dict[str, str] | None = None, log_params: bool = True,
+              description: str | None = None) -> Iterator[Any]:
     """Open (or resume, with `run_id`) the phase's MLflow run; yields the ActiveRun, or None when
     tracking is disabled in the config."""
     mlflow_cfg = mlflow_cfg or MlflowConfig()
@@ -127,7 +137,7 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
     try:
         client = MlflowClient(uri)
         name = experiment_name(phase, mlflow_cfg)
-        exp_id = _ensure_experiment(client, name, uri, data_root)
+        exp_id = _ensure_experiment(client, name, uri, data_root, description)
         all_tags = lineage_tags(phase, cfg, input_uri)
         all_tags.update(tags or {})
         # URIs in tags (input, output, run dir) may carry credentials: the same redaction as the params.
@@ -143,6 +153,61 @@ def start_run(phase: str, cfg: Any, *, data_root: str, mlflow_cfg: MlflowConfig 
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets: each phase's input and output in MLflow's dataset tracking (the UI's Dataset column)
+
+# Per phase, the count in a manifest's `counts` that is its dataset's row count.
+ROW_COUNTS = {"filter": "rows_written", "download": "samples", "precompute": "written"}
+
+
+def dataset_rows(manifest: dict) -> int | None:
+    value = (manifest.get("counts") or {}).get(ROW_COUNTS.get(manifest.get("phase"), ""))
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def dataset_entry(uri: str, *, name: str | None = None, digest: str | None = None, rows: int | None = None) -> dict:
+    """A dataset as MLflow should list it: named `<phase>/<version>` when `uri` holds a phase's output (its
+    manifest hash the digest, its row count from the manifest), else by its last path part."""
+    if uri and "," not in uri and storage.exists(uri) and storage.is_dir(uri) and manifest_lib.has_manifest(uri):
+        manifest = manifest_lib.read(uri)
+        name = name or f"{manifest.get('phase', 'dataset')}/{manifest.get('version') or storage.basename(uri)}"
+        digest = digest or manifest_lib.manifest_hash(uri)[:16]
+        rows = rows if rows is not None else dataset_rows(manifest)
+    label = storage.basename(uri.split(",")[0].rstrip("/")) if uri else "input"
+    return {"name": name or label, "uri": uri, "digest": (digest or "")[:16] or None, "rows": rows}
+
+
+def log_datasets(inputs: list[dict], outputs: list[dict]) -> None:
+    """`mlflow.log_input` of each entry (`dataset_entry`) with context "input" or "output": name, source URI
+    (credentials redacted), digest and a profile with the row count."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class PhaseDataset(MetaDataset):
+        def __init__(self, source, name, digest, rows):
+            super().__init__(source, name=name, digest=digest)
+            self._rows = rows
+
+        @property
+        def profile(self):
+            return {"num_rows": self._rows} if self._rows is not None else None
+
+        def to_dict(self):
+            out = super().to_dict()
+            if self._rows is not None:
+                out["profile"] = json.dumps({"num_rows": self._rows})
+            return out
+
+    for context, entries in (("input", inputs), ("output", outputs)):
+        for entry in entries:
+            uri = config_lib.redact_text(entry["uri"].split(",")[0])
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is local
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(uri)
+            mlflow.log_input(PhaseDataset(source, entry["name"], entry["digest"], entry["rows"]), context=context)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class TrainPhase(Phase):
         Used only when the MLflow run is created: a resumed run keeps its name."""
         return driver.mlflow_run_name(ctx.cfg, ctx.input_uri)
 
+    def output_dataset(self, ctx: Context, manifest: dict):
+        return None  # a run directory (checkpoints, exports): the input latents are the run's dataset
+
     def mlflow_tags(self, ctx: Context) -> dict:
         return {"wurst.run_name": ctx.version, "wurst.run_dir": ctx.output, "wurst.stage": ctx.cfg.stage}
 

@@ -260,6 +260,63 @@ def test_phase_matches_reference_and_logs_mlflow(embedded_ray, laion_dir, tmp_pa
     assert metrics["duplicates_removed"] == funnel["duplicates_removed"]
     assert metrics["removed.null_WIDTH"] == expected_removed["null_WIDTH"]
     assert metrics["removed.aesthetic"] == expected_removed["aesthetic"]
+    assert metrics["rows_after.aesthetic"] == next(s["rows_after"] for s in funnel["filters"] if s["filter"] == "aesthetic")
+    check_report(out_dir, funnel, tmp_path, runs[0])
+
+
+def check_report(out_dir: str, funnel: dict, tmp_path, run) -> None:
+    """report/: the chart's numbers are the funnel's, histograms count every input row, sampled rows fail their
+    filter; in MLflow: the report artifacts, the input and output datasets, the experiment's description."""
+    from PIL import Image
+
+    from pipelines import reports
+
+    folder = os.path.join(out_dir, reports.REPORT_DIR)
+    report = json.load(open(os.path.join(folder, reports.REPORT_JSON)))
+    stages = [tuple(s) for s in report["funnel_stages"]]
+    assert stages[0] == ("rows read", funnel["rows_read"]) and stages[-1] == ("written", funnel["rows_written"])
+    assert stages[1:-2] == [(f"after {s['filter']}", s["rows_after"]) for s in funnel["filters"]]
+    assert stages[-2] == ("after de-dup", funnel["rows_after_filters"] - funnel["duplicates_removed"])
+    for name in ("funnel.png", "hist-aesthetic.png", "hist-WIDTH.png", reports.REPORT_HTML):
+        assert os.path.getsize(os.path.join(folder, name)) > 1000, name
+    with Image.open(os.path.join(folder, "funnel.png")) as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    for column, hist in report["histograms"].items():  # every input row: in a bin, outside the range, or null
+        assert sum(hist["counts"]) + hist["below"] + hist["above"] + hist["nulls"] == funnel["rows_read"], column
+    assert report["thresholds"]["aesthetic"] == [{"value": 5.0, "label": "aesthetic.min 5.0"}]
+    checks = {"aesthetic": lambda v: v["aesthetic"] < 5.0, "watermark": lambda v: v["pwatermark"] > 0.5,
+              "unsafe": lambda v: v["punsafe"] > 0.99,
+              "min_side": lambda v: min(v["WIDTH"], v["HEIGHT"]) < 512,
+              "max_side": lambda v: max(v["WIDTH"], v["HEIGHT"]) > 4096}
+    removed = {reason: count for s in funnel["filters"] for reason, count in s["removed"].items()}
+    assert set(report["samples"]) == {r for r, c in removed.items() if c}
+    for reason, rows in report["samples"].items():
+        assert 0 < len(rows) <= min(8, removed[reason])
+        for row in rows:
+            if reason.startswith("null_"):
+                assert row["values"][reason[len("null_"):]] is None, (reason, row)
+            elif reason in checks:
+                assert checks[reason](row["values"]), (reason, row)
+    page = open(os.path.join(folder, reports.REPORT_HTML)).read()
+    assert page.count("data:image/png;base64,") >= 3 and "aesthetic" in page
+
+    client = tracking_client(tmp_path)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, reports.REPORT_DIR)}
+    assert {f"{reports.REPORT_DIR}/funnel.png", f"{reports.REPORT_DIR}/{reports.REPORT_HTML}"} <= artifacts
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    by_context = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in inputs}
+    assert by_context["output"].name == f"filter/{os.path.basename(out_dir)}"
+    assert json.loads(by_context["output"].profile)["num_rows"] == funnel["rows_written"]
+    assert by_context["input"].source and "laion" in by_context["input"].source
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.note.content", "").startswith("`python -m pipelines.filter`")
+    assert run.info.run_name.startswith(f"filter-{os.path.basename(out_dir)[:8]}-")
+
+
+def tracking_client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def test_rerun_is_noop_changed_threshold_is_new_version_task_split_irrelevant(embedded_ray, laion_dir, tmp_path):
@@ -277,6 +334,9 @@ def test_rerun_is_noop_changed_threshold_is_new_version_task_split_irrelevant(em
                         "read.batch_rows=7")
     assert resplit.version == first.version
     assert read_output(resplit.output).equals(read_output(first.output))
+    # The report too: histograms and samples merge exactly whatever the task split.
+    report = [json.load(open(os.path.join(r.output, "report", "report.json"))) for r in (first, resplit)]
+    assert report[0]["histograms"] == report[1]["histograms"] and report[0]["samples"] == report[1]["samples"]
 
     stricter = run_phase(laion_dir, out, tmp_path, "filters.aesthetic.min=6.0")
     assert stricter.version != first.version and not stricter.skipped

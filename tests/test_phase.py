@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import Optional
 
@@ -76,7 +77,9 @@ def test_run_writes_manifest_with_lineage_then_skips_and_versions_by_config(toy_
     assert written["input"]["uri"] == str(tmp_path / "in") and written["input"]["identity"].startswith("listing:")
     (run,) = tracking.find_runs("toy", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert written["mlflow_run_id"] == run.info.run_id and run.data.metrics["numbers"] == 3
-    assert run.info.run_name == f"toy-{first.version}" and run.data.tags["wurst.output_uri"] == first.output
+    # Readable: phase, version, the input's name, the UTC date.
+    assert re.fullmatch(rf"toy-{first.version[:8]}-in-\d{{8}}", run.info.run_name), run.info.run_name
+    assert run.data.tags["wurst.output_uri"] == first.output
 
     again = phase.run(load(tmp_path, "workers=4"))  # parallelism does not change the version
     assert again.skipped and again.output == first.output and again.manifest == written and phase.executed == 1
