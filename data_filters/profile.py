@@ -43,20 +43,25 @@ def histograms(table: pa.Table) -> dict[str, dict[str, Any]]:
     for column, (scale, low, high, bins) in HISTOGRAMS.items():
         if column not in table.column_names:
             continue
-        values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-        nulls = np.isnan(values)
-        values = values[~nulls]
+        data = table.column(column)
+        nulls = int(data.null_count)
+        if nulls:
+            data = data.drop_null()
+        # float32 arithmetic (scores are float32 already): half the memory traffic of float64, and bins of
+        # 0.1 / 0.01 / 1/4 octave are far coarser than its precision.
+        values = data.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         if scale == "log2":
             with np.errstate(divide="ignore"):
-                position = (np.log2(np.maximum(values, 0.0)) - np.log2(low)) / (np.log2(high) - np.log2(low))
+                position = (np.log2(values) - np.float32(np.log2(low))) * np.float32(bins / (np.log2(high) - np.log2(low)))
         else:
-            position = (values - low) / (high - low)
-        index = np.floor(position * bins).astype(np.int64)
-        index[values == high] = bins - 1  # the last bin is closed, as numpy.histogram's
+            position = (values - np.float32(low)) * np.float32(bins / (high - low))
+        np.clip(position, -1.0, float(bins), out=position)  # -inf (a side of 0) / inf: below / above
+        index = np.floor(position).astype(np.int64)
+        index[values == np.float32(high)] = bins - 1  # the last bin is closed, as numpy.histogram's
         below, above = int((index < 0).sum()), int((index >= bins).sum())
         inside = index[(index >= 0) & (index < bins)]
         out[column] = {"counts": np.bincount(inside, minlength=bins).tolist(), "below": below, "above": above,
-                       "nulls": int(nulls.sum())}
+                       "nulls": nulls}
     return out
 
 

@@ -61,10 +61,16 @@ def main(argv: list[str] | None = None) -> dict:
     lines = []
     if "generate" in outputs:
         lines.append(("generated grid", storage.join(outputs["generate"], "grid.png")))
+    from pipelines import reports
+
     if "filter" in outputs:
         lines.append(("filter funnel", storage.join(outputs["filter"], "funnel.json")))
+    for phase in ("filter", "download", "precompute"):  # the pictures: report/report.html (also in MLflow)
+        page = storage.join(outputs[phase], reports.REPORT_DIR, reports.REPORT_HTML) if phase in outputs else None
+        if page and storage.exists(page):
+            lines.append((f"{phase} report", page))
     if "download" in outputs:
-        lines.append(("download report", storage.join(outputs["download"], "report.json")))
+        lines.append(("download counts", storage.join(outputs["download"], "report.json")))
     lines.append(("MLflow store", f"sqlite:///{data_root}/mlflow.db"))
     for label, where in lines:
         print(f"  {label:16s} {where}")

@@ -335,7 +335,9 @@ class FilterPhase(Phase):
         metrics.update({"seconds": seconds, "rows_per_second": funnel["rows_read"] / max(seconds, 1e-9)})
         ctx.log_metrics(metrics)
         ctx.log_dict(funnel, FUNNEL)
+        t2 = time.time()
         report = write_report(ctx, funnel, good_units) if cfg.report.enabled else {}
+        report_seconds = time.time() - t2
         storage.delete(tmp_uri)
         log.info("done: %d rows read, %d after filters, %d duplicates, %d written in %.1f s", funnel["rows_read"],
                  funnel["rows_after_filters"], funnel["duplicates_removed"], funnel["rows_written"], seconds)
@@ -347,7 +349,8 @@ class FilterPhase(Phase):
                  "duplicates_dir": "duplicates" if cfg.dedup.enabled and cfg.dedup.record_duplicates else None,
                  "funnel": FUNNEL,
                  "report": storage.join(reports.REPORT_DIR, reports.REPORT_HTML) if report else None}
-        return Outcome(counts=counts, extra=extra, details={"funnel": funnel, "resumed": resumed})
+        return Outcome(counts=counts, extra=extra, details={"funnel": funnel, "resumed": resumed,
+                                                            "report_seconds": report_seconds})
 
 
 PHASE = FilterPhase()
