@@ -32,7 +32,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "WIDTH": ("WIDTH", "width"),
     "HEIGHT": ("HEIGHT", "height"),
     "aesthetic": ("AESTHETIC_SCORE", "aesthetic", "aesthetic_score"),
-    "punsafe": ("punsafe", "PUNSAFE"),
+    # LAION-400M has no punsafe, but an NSFW tag (UNLIKELY / UNSURE / NSFW), mapped by `value_maps`.
+    "punsafe": ("punsafe", "PUNSAFE", "NSFW"),
     "pwatermark": ("pwatermark", "PWATERMARK"),
     "similarity": ("similarity", "SIMILARITY"),
     "LANGUAGE": ("LANGUAGE", "language"),
@@ -172,12 +173,26 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
 
 
+# LAION-400M's NSFW tag as a punsafe value: UNSURE passes the paper's punsafe <= 0.99, NSFW does not.
+DEFAULT_VALUE_MAPS: dict[str, dict[str, float]] = {"punsafe": {"UNLIKELY": 0.0, "UNSURE": 0.5, "NSFW": 1.0}}
+
+
+def map_values(values: pa.Array, mapping: Mapping[str, float], column: str) -> pa.Array:
+    """String tags -> float64 scores through `mapping` (exact, case-sensitive); a tag not in it becomes null."""
+    strings = _strings(values, column)
+    keys = pa.array(list(mapping), pa.string())
+    index = pc.index_in(strings, value_set=keys)
+    return pc.take(pa.array(list(mapping.values()), pa.float64()), index)
+
+
 def normalize(table: pa.Table, columns: Mapping[str, str], *, include_language: bool = False,
-              extra_types: Mapping[str, pa.DataType] | None = None) -> pa.Table:
+              extra_types: Mapping[str, pa.DataType] | None = None,
+              value_maps: Mapping[str, Mapping[str, float]] | None = None) -> pa.Table:
     """A table of one input file -> the canonical columns (everything but `uid`) + extras.
 
     `columns` is `resolve_columns(file schema names)`; `extra_types` names input columns to carry
-    through unchanged (cast to the given type; all-null when this file lacks them)."""
+    through unchanged (cast to the given type; all-null when this file lacks them); `value_maps`: per
+    canonical score column, a table from string tags to scores, used where the file stores strings there."""
     rows = table.num_rows
     arrays: list[pa.Array] = []
     names: list[str] = []
@@ -198,6 +213,10 @@ def normalize(table: pa.Table, columns: Mapping[str, str], *, include_language: 
                 arrays.append(_strings(values, label))
             elif canonical in SIZE_COLUMNS:
                 arrays.append(_sizes(values, label))
+            elif canonical in SCORE_COLUMNS and value_maps and canonical in value_maps and (
+                    pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+                    or pa.types.is_dictionary(values.type) or pa.types.is_binary(values.type)):
+                arrays.append(map_values(values, value_maps[canonical], label))
             elif canonical in SCORE_COLUMNS:
                 arrays.append(_scores(values, label))
             else:

@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 from data_filters import dedup, filters, profile, schema
 from pipelines import manifest as manifest_lib
-from pipelines import reports, storage, tracking
+from pipelines import filter_join, reports, storage, tracking
 from pipelines.config import ConfigError, param
 from pipelines.filter_tasks import (FilterInputError, Plan, dedup_bucket, filter_unit, input_uris, preflight,
                                     stage_context, unit_row)
@@ -40,7 +40,7 @@ OUTPUT_SUBDIR = "filtered"
 TMP_DIR = "_work.tmp"
 FUNNEL = "funnel.json"
 # Settings that cannot change the output: they are left out of the version hash.
-VERSION_EXCLUDE = ("input", "output", "data_root", "read", "report", "ray", "mlflow")
+VERSION_EXCLUDE = ("input", "output", "data_root", "read", "report", "join", "ray", "mlflow")
 
 
 @dataclasses.dataclass
@@ -50,6 +50,10 @@ class SchemaConfig:
     columns: dict[str, str] = dataclasses.field(default_factory=dict)
     # Input columns carried to the output unchanged (e.g. [key, original_width]); others are dropped.
     extra_columns: list[str] = dataclasses.field(default_factory=list)
+    # Score columns stored as string tags: tag -> score (LAION-400M's NSFW column as punsafe). A tag not
+    # listed becomes null (counted as null_<column>).
+    value_maps: dict[str, dict[str, float]] = dataclasses.field(
+        default_factory=lambda: {k: dict(v) for k, v in schema.DEFAULT_VALUE_MAPS.items()})
 
 
 @dataclasses.dataclass
@@ -103,10 +107,15 @@ class FilterConfig:
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     read: ReadConfig = dataclasses.field(default_factory=ReadConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+    # Tag files joined to the metadata on a key before filtering (laion2B-en's aesthetic scores are in
+    # separate files joined on `hash`): pipelines.filter_join.
+    tags: list[filter_join.TagSetConfig] = dataclasses.field(default_factory=list)
+    join: filter_join.JoinConfig = dataclasses.field(default_factory=filter_join.JoinConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
     def validate(self) -> None:
+        filter_join.validate(self.tags)
         problems = self.filters.problems()
         if problems:
             raise ConfigError(f"filters.{problems[0]}")
@@ -114,6 +123,10 @@ class FilterConfig:
             schema.resolve_columns([], self.schema.columns)
         except schema.SchemaError as exc:
             raise ConfigError(f"schema.columns: {exc}") from None
+        for column in self.schema.value_maps:
+            if column not in schema.SCORE_COLUMNS:
+                raise ConfigError(f"schema.value_maps.{column}: only score columns take a value map "
+                                  f"({', '.join(schema.SCORE_COLUMNS)})")
         reserved = set(schema.CANONICAL_TYPES) | {dedup.SOURCE_POSITION}
         for i, name in enumerate(self.schema.extra_columns):
             if name in reserved:
@@ -122,6 +135,17 @@ class FilterConfig:
 
 # --------------------------------------------------------------------------------------------
 # Where things go
+
+
+def tag_identities(cfg: FilterConfig) -> list[str]:
+    out = []
+    for i, tag in enumerate(cfg.tags):
+        uris = [storage.normalize(u) for u in ([tag.input] if isinstance(tag.input, str) else tag.input)]
+        for uri in uris:
+            if not storage.exists(uri):
+                raise FilterInputError(f"tags[{i}].input {uri}: no such file or directory")
+        out.append(hashlib.sha256(json.dumps([manifest_lib.input_identity(u) for u in uris]).encode()).hexdigest())
+    return out
 
 
 def input_identity(cfg: FilterConfig) -> str:
@@ -259,11 +283,29 @@ class FilterPhase(Phase):
     def input_identity(self, cfg: FilterConfig) -> str:
         return input_identity(cfg)
 
+    def version_config(self, cfg: FilterConfig) -> dict:
+        from pipelines import config as config_lib
+
+        tree = config_lib.to_dict(cfg)
+        # At their defaults, settings added later stay out of the hash: earlier versions keep their names.
+        if tree.get("schema", {}).get("value_maps") == schema.DEFAULT_VALUE_MAPS:
+            tree["schema"].pop("value_maps")
+        if not tree.get("tags"):
+            tree.pop("tags", None)
+        else:  # the tag files' content identifies them, not their paths
+            for tag, identity in zip(tree["tags"], tag_identities(cfg)):
+                tag["input"] = identity
+        return tree
+
     def existing_details(self, output: str, manifest: dict) -> dict:
         return {"funnel": storage.read_json(storage.join(output, FUNNEL))}
 
     def prepare(self, ctx: Context) -> None:
-        plan = ctx.state["plan"] = preflight(ctx.cfg)
+        cfg = ctx.cfg
+        provided = tuple(c for tag in cfg.tags for c in tag.columns)
+        plan = ctx.state["plan"] = preflight(cfg, provided=provided)
+        if cfg.tags:
+            ctx.state["join_plan"] = filter_join.plan_join(cfg, plan.files)
         log.info("%d files, %d rows, %d filter tasks, %d buckets -> %s", len(plan.files),
                  sum(f.rows for f in plan.files), len(plan.units), plan.num_buckets, ctx.output)
 
@@ -274,7 +316,19 @@ class FilterPhase(Phase):
     def execute(self, ctx: Context) -> Outcome:
         cfg, plan, out_uri = ctx.cfg, ctx.state["plan"], ctx.output
         storage.makedirs(out_uri)
-        tmp_uri = _prepare_tmp(out_uri, plan)
+        join_counts = None
+        if cfg.tags:
+            # Stage 0: the join; its parts (in the metadata's order per key bucket) are the filter's input.
+            metadata_plan, join_plan = plan, ctx.state["join_plan"]
+            tmp_uri = _prepare_tmp(out_uri, join_plan)
+            parts, join_counts = filter_join.run_join(
+                cfg, join_plan, tmp_uri, lambda items, fn: _ray_map(items, fn, cfg.read.max_tasks_in_flight))
+            plan = preflight(cfg, uris=parts)
+            plan.bad_files = metadata_plan.bad_files  # skipped metadata files (skip_bad_files) stay counted
+            log.info("joined %d metadata rows with %d tag set(s) into %d parts", join_counts["metadata_rows"],
+                     len(cfg.tags), len(parts))
+        else:
+            tmp_uri = _prepare_tmp(out_uri, plan)
         stage = stage_context(cfg, plan, tmp_uri)
         files_by_index = {f.index: f for f in plan.files}
 
@@ -326,6 +380,9 @@ class FilterPhase(Phase):
         dedup_seconds = time.time() - t1
 
         funnel = build_funnel(plan, good_units, list(bucket_results.values()), skipped, cfg)
+        if join_counts is not None:
+            funnel["files"]["read"] = len(metadata_plan.files)
+            funnel["join"] = join_counts
         seconds = time.time() - ctx.started
         funnel["seconds"] = {"total": round(seconds, 3), "filter": round(filter_seconds, 3),
                              "dedup": round(dedup_seconds, 3)}

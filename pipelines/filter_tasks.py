@@ -102,14 +102,21 @@ def read_footer(index: int, uri: str, rename: dict[str, str]) -> InputFile:
     return entry
 
 
-def _type_problem(canonical: str, arrow_type: pa.DataType) -> str | None:
+def _is_string_type(arrow_type: pa.DataType) -> bool:
+    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+            or pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
+            or pa.types.is_dictionary(arrow_type) or pa.types.is_string_view(arrow_type))
+
+
+def _type_problem(canonical: str, arrow_type: pa.DataType, mapped: bool = False) -> str | None:
+    """What is wrong with a column's type for its canonical use (None: fine). `mapped`: the column's strings
+    are mapped to numbers by schema.value_maps (LAION-400M's NSFW tags)."""
     if pa.types.is_null(arrow_type):
         return None
+    if mapped and _is_string_type(arrow_type):
+        return None
     if canonical in schema.STRING_COLUMNS:
-        ok = (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
-              or pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
-              or pa.types.is_dictionary(arrow_type) or pa.types.is_string_view(arrow_type))
-        return None if ok else "strings"
+        return None if _is_string_type(arrow_type) else "strings"
     ok = pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_decimal(arrow_type)
     return None if ok else "numbers"
 
@@ -132,8 +139,10 @@ class Plan:
                 "extra_types": {k: str(v) for k, v in self.extra_types.items()}}
 
 
-def preflight(cfg: FilterConfig) -> Plan:
-    uris = list_input_files(input_uris(cfg))
+def preflight(cfg: FilterConfig, uris: list[str] | None = None, provided: tuple[str, ...] = ()) -> Plan:
+    """Footers only: the files, their columns checked, the filter tasks. `uris`: these files instead of the
+    config's input (the join's parts); `provided`: canonical columns the tag files add (not required here)."""
+    uris = list_input_files(input_uris(cfg)) if uris is None else uris
     rename = dict(cfg.schema.columns)
     with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.read.footer_threads) as pool:
         entries = list(pool.map(lambda item: read_footer(item[0], item[1], rename), enumerate(uris)))
@@ -148,23 +157,29 @@ def preflight(cfg: FilterConfig) -> Plan:
     needed = filters.required_columns(cfg.filters)
     for column in ("URL", "TEXT"):  # the output contract (and the uid) need them whatever the filters
         needed.setdefault(column, [])
+    # Every missing column at once (each with the key that disables its filter), for the first file lacking any.
+    lacking = [(entry, [c for c in needed if c not in entry.columns and c not in provided]) for entry in good]
+    lacking = [(entry, missing) for entry, missing in lacking if missing]
+    if lacking:
+        entry, missing = lacking[0]
+        lines = []
+        for column in missing:
+            users = needed[column]
+            wanted = cfg.schema.columns.get(column)
+            looked_for = repr(wanted) if wanted else " / ".join(schema.ALIASES[column])
+            if users:
+                hint = " or ".join(f"filters.{name}.enabled=false" for name in users)
+                why = f"needed by filter{'s' if len(users) > 1 else ''} {', '.join(users)}; disable with {hint}"
+            else:
+                why = "required in every output row"
+            lines.append(f"column {column!r} is missing (looked for {looked_for}; {why}, or map another column "
+                         f"to it with schema.columns.{column}=NAME)")
+        others = f"; {len(lacking) - 1} more input file(s) lack columns too" if len(lacking) > 1 else ""
+        raise FilterInputError(f"{entry.uri}: {len(missing)} needed column(s) missing: " + "; ".join(lines)
+                               + f". Columns in the file: {', '.join(entry.types)}{others}")
     for entry in good:
-        for column, users in needed.items():
-            source = entry.columns.get(column)
-            if source is None:
-                wanted = cfg.schema.columns.get(column)
-                looked_for = repr(wanted) if wanted else " / ".join(schema.ALIASES[column])
-                if users:
-                    hint = " or ".join(f"filters.{name}.enabled=false" for name in users)
-                    why = f"needed by filter{'s' if len(users) > 1 else ''} {', '.join(users)}; disable with {hint}"
-                else:
-                    why = "required in every output row"
-                raise FilterInputError(
-                    f"{entry.uri}: column {column!r} is missing (looked for {looked_for}; {why}, "
-                    f"or map another column to it with schema.columns.{column}=NAME). "
-                    f"Columns in the file: {', '.join(entry.types)}")
         for column, source in entry.columns.items():
-            problem = _type_problem(column, entry.types[source])
+            problem = _type_problem(column, entry.types[source], column in cfg.schema.value_maps)
             if problem:
                 raise FilterInputError(f"{entry.uri}: column {source!r} (used as {column}) holds "
                                        f"{entry.types[source]}, expected {problem}")
@@ -220,6 +235,7 @@ class StageContext:
     # The report (pipelines.reports): removed rows sampled per reason per task, histograms of the input.
     report_samples: int = 0
     report_histograms: bool = False
+    value_maps: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def stage_context(cfg: FilterConfig, plan: Plan, tmp_uri: str) -> StageContext:
@@ -230,7 +246,7 @@ def stage_context(cfg: FilterConfig, plan: Plan, tmp_uri: str) -> StageContext:
                         record_duplicates=cfg.dedup.record_duplicates, temp_compression=cfg.read.temp_compression,
                         part_schema=out_schema.append(pa.field(dedup.SOURCE_POSITION, pa.int64())),
                         report_samples=cfg.report.samples_per_reason if cfg.report.enabled else 0,
-                        report_histograms=cfg.report.enabled)
+                        report_histograms=cfg.report.enabled, value_maps=dict(cfg.schema.value_maps))
 
 
 def unit_row(unit: Unit, plan: Plan) -> dict[str, str]:
@@ -326,7 +342,7 @@ def _normalised_batches(unit: dict, ctx: StageContext):
                 batch = next(batches)
                 table = pa.Table.from_batches([batch])
                 normalised = schema.normalize(table, columns, include_language=ctx.include_language,
-                                              extra_types=ctx.extra_types)
+                                              extra_types=ctx.extra_types, value_maps=ctx.value_maps)
             except StopIteration:
                 return
             except _INPUT_ERRORS as exc:
