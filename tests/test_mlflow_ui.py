@@ -1,7 +1,7 @@
 """A person's view: the MLflow UI, served by `mlflow server` over the workflow's store, in Chromium.
 
-Opens the experiments page and finds one experiment per phase, then opens a training run's
-artifacts and sees its sample image rendered (an <img> that actually loaded).
+Opens the experiments page and finds one experiment per phase, the filter run's dataset and funnel chart,
+then a training run's artifacts and sees its sample image rendered (an <img> that actually loaded).
 """
 
 from __future__ import annotations
@@ -104,11 +104,35 @@ def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, 
     browser.get(f"{url}/#/experiments/{evaluation.info.experiment_id}/runs/{evaluation.info.run_id}")
     wait_for(lambda: "probe/colour" in body(), what="the evaluation's probe metrics on its run page")
 
-    # A training run that logged a sample grid: open its Artifacts tab the way a person does
-    # (click the images folder, then the PNG) and check the preview <img> really loaded that image.
+    # The filter run: its output dataset listed on the run page (MLflow's dataset tracking), and its funnel chart
+    # rendered from the report/ artifacts.
+    (filter_run, *_) = tracking.find_runs("filter", tracking_uri=f"sqlite:///{data_root}/mlflow.db")
     from PIL import Image
 
     client = helpers.mlflow_client(data_root)
+    logged = {d.dataset.name: d.dataset.digest for d in client.get_run(filter_run.info.run_id).inputs.dataset_inputs}
+    assert f"filter/{filter_run.data.tags['wurst.version']}" in logged and len(logged) == 2  # output + input
+    browser.get(f"{url}/#/experiments/{filter_run.info.experiment_id}/runs/{filter_run.info.run_id}")
+    # The run page lists its datasets as "<name> (<digest>)" under Datasets (the first, "+1" for the other).
+    wait_for(lambda: "Datasets" in body() and any(f"{n} ({d[:8]})" in body() for n, d in logged.items()),
+             what="the filter's datasets on its run page")
+    local = client.download_artifacts(filter_run.info.run_id, "report/funnel.png", dst_path=str(tmp_path / "f"))
+    funnel_width = Image.open(local).size[0]
+    browser.get(f"{url}/#/experiments/{filter_run.info.experiment_id}/runs/{filter_run.info.run_id}/artifacts")
+    click = lambda xpath: browser.find_elements(By.XPATH, xpath)[-1].click() or True  # noqa: E731
+    wait_for(lambda: click("//*[normalize-space(text())='report']"), what="report folder in the artifact tree")
+    wait_for(lambda: click("//*[normalize-space(text())='funnel.png']"), what="funnel.png listed")
+
+    def loaded_width():
+        for img in browser.find_elements(By.TAG_NAME, "img"):
+            if (img.get_attribute("src") or "").startswith("blob:"):
+                return browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+        return None
+
+    assert wait_for(loaded_width, what="the funnel chart rendered") == funnel_width
+
+    # A training run that logged a sample grid: open its Artifacts tab the way a person does
+    # (click the images folder, then the PNG) and check the preview <img> really loaded that image.
     samples = []
     for run in tracking.find_runs("train", tracking_uri=f"sqlite:///{data_root}/mlflow.db"):
         samples += [(run, a.path) for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
@@ -118,15 +142,7 @@ def test_mlflow_ui_shows_every_phase_and_a_training_sample_image(mlflow_server, 
     width = Image.open(local).size[0]
 
     browser.get(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts")
-    click = lambda xpath: browser.find_elements(By.XPATH, xpath)[-1].click() or True  # noqa: E731
     wait_for(lambda: click("//*[normalize-space(text())='images']"), what="images folder in the artifact tree")
     name = os.path.basename(png)
     wait_for(lambda: click(f"//*[starts-with(normalize-space(text()), '{name[:40]}')]"), what=f"{name} listed")
-
-    def loaded_width():
-        for img in browser.find_elements(By.TAG_NAME, "img"):
-            if (img.get_attribute("src") or "").startswith("blob:"):
-                return browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
-        return None
-
     assert wait_for(loaded_width, what=f"sample image {png} rendered") == width
