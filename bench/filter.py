@@ -212,6 +212,93 @@ def pandas_filter(paths: list[str], out_path: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# DuckDB baseline: the same funnel as one SQL pass per file (types kept per file: a float32 score is compared
+# with the float32 threshold, as ours and pandas do), then the URL de-dup over the survivors with QUALIFY.
+
+WS = r"[ \t\n\r\f\v]"
+NON_WS = r"[^ \t\n\r\f\v]"
+
+
+def _duckdb_file_query(path: str, schema: pa.Schema) -> str:
+    names = set(schema.names)
+    aesthetic = "AESTHETIC_SCORE" if "AESTHETIC_SCORE" in names else "aesthetic"
+
+    def num(column: str, rounded: bool = False) -> str:
+        kind = schema.field(column).type
+        if pa.types.is_floating(kind):
+            value = f"round({column})" if rounded else column
+            cast = f"TRY_CAST({value} AS BIGINT)" if rounded else value
+            return f"CASE WHEN isnan({column}) OR isinf({column}) THEN NULL ELSE {cast} END"
+        return f"CAST({column} AS BIGINT)" if rounded else f"CAST({column} AS DOUBLE)"
+
+    def threshold(column: str, value: float) -> str:
+        kind = schema.field(column).type
+        return f"CAST({value} AS FLOAT)" if pa.types.is_float32(kind) else f"CAST({value} AS DOUBLE)"
+
+    return f"""
+    SELECT trim(URL) AS URL, TEXT, W AS WIDTH, H AS HEIGHT, CAST(aesthetic AS DOUBLE) AS aesthetic,
+           punsafe, pwatermark, similarity,
+      CASE
+        WHEN W IS NULL THEN 'null_WIDTH' WHEN H IS NULL THEN 'null_HEIGHT'
+        WHEN NOT (least(W, H) >= 512) THEN 'min_side' WHEN NOT (greatest(W, H) <= 4096) THEN 'max_side'
+        WHEN aesthetic IS NULL THEN 'null_aesthetic' WHEN NOT (aesthetic >= {threshold(aesthetic, 5.0)}) THEN 'aesthetic'
+        WHEN pwatermark IS NULL THEN 'null_pwatermark'
+        WHEN NOT (pwatermark <= {threshold('pwatermark', 0.5)}) THEN 'watermark'
+        WHEN punsafe IS NULL THEN 'null_punsafe' WHEN NOT (punsafe <= {threshold('punsafe', 0.99)}) THEN 'unsafe'
+        WHEN URL IS NULL THEN 'null_URL'
+        WHEN NOT (regexp_matches(trim(URL), '^(?:http|https)://[^/?#\\s]+', 'i') AND strlen(trim(URL)) <= 2048)
+          THEN 'url'
+        WHEN TEXT IS NULL THEN 'null_TEXT'
+        WHEN NOT regexp_matches(TEXT, '{NON_WS}') THEN 'caption_empty'
+        WHEN NOT regexp_matches(TEXT, '{NON_WS}+{WS}+{NON_WS}') THEN 'caption_words'
+        ELSE NULL END AS reason
+    FROM (SELECT URL, TEXT, {num('WIDTH', True)} AS W, {num('HEIGHT', True)} AS H,
+                 {num(aesthetic) if pa.types.is_floating(schema.field(aesthetic).type) else aesthetic} AS aesthetic,
+                 {num('pwatermark')} AS pwatermark, {num('punsafe')} AS punsafe, similarity
+          FROM read_parquet('{path}'))"""
+
+
+def duckdb_filter(paths: list[str], out_path: str, threads: int) -> dict:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    # pyarrow's parquet statistics leave NaN out of a column's min/max, and DuckDB (2.0) then proves isnan()
+    # false from them: NaN scores would pass as numbers (NaN >= 5 is true in DuckDB). Measured: 499 NaN rows of
+    # a file counted 0 with these on. Off, the funnel matches ours and pandas.
+    con.execute("SET disabled_optimizers = 'filter_pushdown,statistics_propagation'")
+    removed: dict[str, int] = {}
+    rows_read = 0
+    con.execute("CREATE TEMP TABLE survivors (URL VARCHAR, TEXT VARCHAR, WIDTH BIGINT, HEIGHT BIGINT, "
+                "aesthetic DOUBLE, punsafe DOUBLE, pwatermark DOUBLE, similarity DOUBLE)")
+    for path in paths:
+        query = _duckdb_file_query(path, pq.read_schema(path))
+        con.execute(f"CREATE OR REPLACE TEMP TABLE tagged AS {query}")
+        for reason, count in con.execute("SELECT reason, count(*) FROM tagged GROUP BY reason").fetchall():
+            if reason is None:
+                continue
+            removed[reason] = removed.get(reason, 0) + count
+        rows_read += con.execute("SELECT count(*) FROM tagged").fetchone()[0]
+        con.execute("INSERT INTO survivors SELECT URL, TEXT, WIDTH, HEIGHT, aesthetic, punsafe, pwatermark, "
+                    "similarity FROM tagged WHERE reason IS NULL")
+    after_filters = con.execute("SELECT count(*) FROM survivors").fetchone()[0]
+    kept = con.execute(r"""
+        SELECT URL, TEXT FROM (
+          SELECT *, lower(regexp_extract(split_part(URL, '#', 1), '^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*)', 1))
+                    || regexp_extract(split_part(URL, '#', 1), '^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*(.*)$', 1) AS key
+          FROM survivors)
+        QUALIFY row_number() OVER (PARTITION BY key ORDER BY aesthetic DESC, TEXT ASC, URL ASC) = 1""")
+    kept = kept.to_arrow_table() if hasattr(kept, "to_arrow_table") else kept.fetch_arrow_table()
+    if hasattr(kept, "read_all"):
+        kept = kept.read_all()
+    uids = {hashlib.blake2b(f"{u}\x00{t}".encode(), digest_size=16).hexdigest()
+            for u, t in zip(kept.column("URL").to_pylist(), kept.column("TEXT").to_pylist())}
+    pq.write_table(kept, out_path)
+    return {"rows_read": rows_read, "removed": removed, "rows_after_filters": after_filters,
+            "duplicates_removed": after_filters - kept.num_rows, "rows_written": kept.num_rows, "uids": uids}
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def ours(input_dir: str, output: str, cpus: int, data_root: str, *extra: str) -> dict:
@@ -260,6 +347,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="default: a temp dir (removed unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
     parser.add_argument("--skip-pandas", action="store_true")
+    parser.add_argument("--skip-duckdb", action="store_true")
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="wurst-bench-filter-")
@@ -289,21 +377,24 @@ def main() -> None:
         generate(warm_dir, 20_000, 2, seed=1)
         ours(warm_dir, os.path.join(workdir, "out-warmup"), args.cpus, workdir)
 
-        out_root = os.path.join(workdir, "out-ours")
-        shutil.rmtree(out_root, ignore_errors=True)
+        # The first pass over a fresh input runs slower whatever it computes (measured: +40-80% for the same
+        # config): a run without the report goes first and once more after, the report's cost is against the
+        # faster of the two, and the main figure is the run with the report (the default config).
+        def timed(root: str, *extra: str):
+            shutil.rmtree(root, ignore_errors=True)
+            start = time.time()
+            out = ours(input_dir, root, args.cpus, workdir, *extra)
+            return out, time.time() - start
+
+        bare, bare_first_s = timed(os.path.join(workdir, "out-ours-no-report"), "report.enabled=false")
         cpu_before = ray_cpu_seconds() + own_cpu_seconds()
-        t = time.time()
-        summary = ours(input_dir, out_root, args.cpus, workdir)
-        ours_s = time.time() - t
+        summary, ours_s = timed(os.path.join(workdir, "out-ours"))
         ours_cpu = ray_cpu_seconds() + own_cpu_seconds() - cpu_before
         funnel = summary.details["funnel"]
-        # The report (histograms + sampled removed rows, in the same pass) against the same run without it.
-        bare_root = os.path.join(workdir, "out-ours-no-report")
-        shutil.rmtree(bare_root, ignore_errors=True)
-        t = time.time()
-        bare = ours(input_dir, bare_root, args.cpus, workdir, "report.enabled=false")
-        bare_s = time.time() - t
-        with_tasks, bare_tasks = funnel["seconds"]["filter"], bare.details["funnel"]["seconds"]["filter"]
+        again, bare_again_s = timed(os.path.join(workdir, "out-ours-no-report-2"), "report.enabled=false")
+        bare_tasks = min(bare.details["funnel"]["seconds"]["filter"], again.details["funnel"]["seconds"]["filter"])
+        bare_s = min(bare_first_s, bare_again_s)
+        with_tasks = funnel["seconds"]["filter"]
         print(f"report: filter tasks {with_tasks:.2f}s with its histograms + samples, {bare_tasks:.2f}s without "
               f"({100 * (with_tasks / bare_tasks - 1):+.1f}%, the same one pass over the input); drawing the charts "
               f"on the driver {summary.details['report_seconds']:.2f}s; whole phase {ours_s:.1f}s vs {bare_s:.1f}s")
@@ -317,6 +408,24 @@ def main() -> None:
                   "ours_cpu_seconds": ours_cpu, "ours_rows_per_s_per_core": ours_per_core,
                   "ours_rows_per_cpu_second": args.rows / ours_cpu, "ours_seconds_without_report": bare_s}
 
+        ours_removed = {r: c for s in funnel["filters"] for r, c in s["removed"].items() if c}
+        if not args.skip_duckdb:
+            t = time.time()
+            duck = duckdb_filter(paths, os.path.join(workdir, "duckdb.parquet"), args.cpus)
+            duck_s = time.time() - t
+            duck_per_core = args.rows / duck_s / args.cpus
+            same = ({k: v for k, v in duck["removed"].items() if v} == ours_removed
+                    and duck["duplicates_removed"] == funnel["duplicates_removed"]
+                    and duck["rows_written"] == funnel["rows_written"])
+            same_rows = duck["uids"] == read_uids(summary.output)
+            print(f"duckdb: {duck_s:7.1f}s wall on {args.cpus} threads            {args.rows / duck_s:11,.0f} rows/s"
+                  f"  {duck_per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
+            print(f"ratio ours/duckdb: {ours_per_core / duck_per_core:.2f}x per core (wall)")
+            result.update({"duckdb_seconds": duck_s, "duckdb_rows_per_s_per_core": duck_per_core,
+                           "ratio_ours_duckdb_per_core": ours_per_core / duck_per_core,
+                           "duckdb_same_funnel": same, "duckdb_same_output": same_rows})
+            if not (same and same_rows):
+                print("WARNING: duckdb differs", {k: v for k, v in duck.items() if k != "uids"}, ours_removed)
         if not args.skip_pandas:
             pa.set_cpu_count(1)
             pa.set_io_thread_count(1)
@@ -328,7 +437,6 @@ def main() -> None:
             pandas_per_core = args.rows / pandas_s
             print(f"pandas: {pandas_s:7.1f}s wall on 1 core ({pandas_cpu:.1f}s CPU)  {args.rows / pandas_s:11,.0f} rows/s"
                   f"  {pandas_per_core:9,.0f} rows/s/core  {args.rows / pandas_cpu:9,.0f} rows/CPU-s")
-            ours_removed = {r: c for s in funnel["filters"] for r, c in s["removed"].items() if c}
             same_funnel = ({k: v for k, v in baseline["removed"].items() if v} == ours_removed
                            and baseline["duplicates_removed"] == funnel["duplicates_removed"]
                            and baseline["rows_written"] == funnel["rows_written"])
