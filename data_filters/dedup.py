@@ -102,6 +102,14 @@ def bucket_of(keys: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray:
     return (hashing.hash64(keys) % np.uint64(num_buckets)).astype(np.int64)
 
 
+def sub_bucket_of(keys: pa.Array | pa.ChunkedArray, passes: int) -> np.ndarray:
+    """Pass index in [0, passes) per normalised URL, from the hash's high bits (`bucket_of` uses it modulo the
+    bucket count): an oversized bucket is de-duplicated in `passes` disjoint slices, all copies of a URL in one."""
+    if passes == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    return ((hashing.hash64(keys) >> np.uint64(32)) % np.uint64(passes)).astype(np.int64)
+
+
 def sort_keys(table: pa.Table, key_column: str) -> list[tuple[str, str]]:
     keys = [(key_column, "ascending"), ("aesthetic", "descending"), ("TEXT", "ascending"),
             ("URL", "ascending")]

@@ -66,6 +66,10 @@ class DedupConfig:
     input_rows_per_bucket: int = param(20_000_000, ge=1)
     # Write duplicates/dup-NNNNN.parquet: (uid removed, uid kept instead) for every duplicate.
     record_duplicates: bool = True
+    # A bucket holding more surviving rows than this is de-duplicated in slices by a second URL hash (each
+    # slice read, de-duplicated and written on its own): the de-dup task's memory is bounded by this, whatever
+    # a loose threshold lets through (~1 KB per row in memory).
+    max_rows_per_task: int = param(2_000_000, ge=1)
 
 
 @dataclasses.dataclass
@@ -290,6 +294,8 @@ class FilterPhase(Phase):
         # At their defaults, settings added later stay out of the hash: earlier versions keep their names.
         if tree.get("schema", {}).get("value_maps") == schema.DEFAULT_VALUE_MAPS:
             tree["schema"].pop("value_maps")
+        if tree.get("dedup", {}).get("max_rows_per_task") == DedupConfig.max_rows_per_task:
+            tree["dedup"].pop("max_rows_per_task")  # slices change the part files, not the rows; default: as before
         if not tree.get("tags"):
             tree.pop("tags", None)
         else:  # the tag files' content identifies them, not their paths
@@ -372,7 +378,18 @@ class FilterPhase(Phase):
         resumed["buckets"] = len(bucket_results)
         todo_buckets = [b for b in range(plan.num_buckets) if b not in bucket_results]
         if todo_buckets:
-            items = [{"bucket": b, "files": json.dumps(bucket_files[b])} for b in todo_buckets]
+            rows_per_bucket = {b: 0 for b in range(plan.num_buckets)}
+            for result in good_units:
+                for bucket, files in result["buckets"].items():
+                    rows_per_bucket[int(bucket)] += sum(rows for _uri, rows in files)
+            # A bucket larger than one task should hold is de-duplicated in slices (memory bounded by config).
+            items = [{"bucket": b, "files": json.dumps(bucket_files[b]),
+                      "passes": max(1, -(-rows_per_bucket[b] // cfg.dedup.max_rows_per_task))} for b in todo_buckets]
+            split = [i for i in items if i["passes"] > 1]
+            if split:
+                log.info("%d de-dup bucket(s) above dedup.max_rows_per_task=%d rows: done in slices (largest %d rows, "
+                         "%d slices)", len(split), cfg.dedup.max_rows_per_task, max(rows_per_bucket.values()),
+                         max(i["passes"] for i in split))
             fn = functools.partial(dedup_bucket, ctx=stage, out_uri=out_uri)
             for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight):
                 done = json.loads(row["result"])
@@ -387,7 +404,8 @@ class FilterPhase(Phase):
         funnel["seconds"] = {"total": round(seconds, 3), "filter": round(filter_seconds, 3),
                              "dedup": round(dedup_seconds, 3)}
         storage.write_json(storage.join(out_uri, FUNNEL), funnel)
-        parts = sorted((b["part"], b["rows_out"]) for b in bucket_results.values() if b["part"])
+        parts = sorted(tuple(p) for b in bucket_results.values()
+                       for p in (b.get("parts") or ([[b["part"], b["rows_out"]]] if b.get("part") else [])))
         metrics = _metrics(funnel)
         metrics.update({"seconds": seconds, "rows_per_second": funnel["rows_read"] / max(seconds, 1e-9)})
         ctx.log_metrics(metrics)

@@ -408,32 +408,44 @@ def part_name(bucket: int) -> str:
 
 
 def dedup_bucket(row: dict[str, Any], ctx: StageContext, out_uri: str) -> dict[str, Any]:
-    """Ray Data map function: one bucket's temp files -> part-<bucket>.parquet (+ duplicates)."""
+    """Ray Data map function: one bucket's temp files -> part-<bucket>.parquet (+ duplicates). A bucket with
+    more rows than one task should hold (`passes` > 1, decided by the driver from the filter tasks' counts) is
+    done in slices by a second hash of the URL, each read from the files, de-duplicated and written as
+    part-<bucket>-<slice>.parquet: memory is one slice, and all copies of a URL fall in one slice."""
     bucket = int(row["bucket"])
     files = json.loads(row["files"])
+    passes = int(row.get("passes") or 1)
     fs, _ = storage.resolve(out_uri)
-    tables = []
-    for uri in files:
-        with fs.open_input_file(storage.resolve(uri)[1]) as source:
-            tables.append(pa.ipc.open_file(source).read_all())
-    table = pa.concat_tables(tables) if tables else ctx.part_schema.empty_table()
-    rows_in = table.num_rows
-    duplicates = 0
-    if ctx.dedup_enabled and rows_in:
-        result = dedup.keep_best(table)
-        duplicates = result.removed
-        if ctx.record_duplicates and duplicates:
-            dup_uri = storage.join(out_uri, "duplicates", f"dup-{bucket:05d}.parquet")
-            storage.makedirs(storage.join(out_uri, "duplicates"))
-            pq.write_table(result.duplicates(table), storage.resolve(dup_uri)[1], filesystem=fs)
-        table = result.kept
-    # Hosts spread over the download's shards (kept rows come grouped by normalised URL, i.e. by host).
-    output = dedup.spread_order(table.drop_columns([dedup.SOURCE_POSITION]))
-    part = None
-    if output.num_rows:
-        part = part_name(bucket)
-        pq.write_table(output, storage.resolve(storage.join(out_uri, part))[1], filesystem=fs)
-    done = {"bucket": bucket, "rows_in": rows_in, "duplicates": duplicates, "rows_out": output.num_rows,
-            "part": part}
+    rows_in = duplicates = rows_out = 0
+    parts: list[list] = []
+    for slice_index in range(passes):
+        tables = []
+        for uri in files:
+            with fs.open_input_file(storage.resolve(uri)[1]) as source:
+                table = pa.ipc.open_file(source).read_all()
+            if passes > 1:
+                keep = dedup.sub_bucket_of(dedup.normalize_url(table.column("URL")), passes) == slice_index
+                table = table.filter(pa.array(keep))
+            tables.append(table)
+        table = pa.concat_tables(tables) if tables else ctx.part_schema.empty_table()
+        rows_in += table.num_rows
+        suffix = f"{bucket:05d}" if passes == 1 else f"{bucket:05d}-{slice_index:03d}"
+        if ctx.dedup_enabled and table.num_rows:
+            result = dedup.keep_best(table)
+            duplicates += result.removed
+            if ctx.record_duplicates and result.removed:
+                dup_uri = storage.join(out_uri, "duplicates", f"dup-{suffix}.parquet")
+                storage.makedirs(storage.join(out_uri, "duplicates"))
+                pq.write_table(result.duplicates(table), storage.resolve(dup_uri)[1], filesystem=fs)
+            table = result.kept
+        # Hosts spread over the download's shards (kept rows come grouped by normalised URL, i.e. by host).
+        output = dedup.spread_order(table.drop_columns([dedup.SOURCE_POSITION]))
+        if output.num_rows:
+            part = f"part-{suffix}.parquet"
+            pq.write_table(output, storage.resolve(storage.join(out_uri, part))[1], filesystem=fs)
+            parts.append([part, output.num_rows])
+        rows_out += output.num_rows
+    done = {"bucket": bucket, "rows_in": rows_in, "duplicates": duplicates, "rows_out": rows_out,
+            "part": parts[0][0] if len(parts) == 1 else None, "parts": parts, "passes": passes}
     storage.write_json(_bucket_marker(ctx.tmp_uri, bucket), done)
     return {"bucket": bucket, "result": json.dumps(done)}

@@ -334,6 +334,13 @@ def test_rerun_is_noop_changed_threshold_is_new_version_task_split_irrelevant(em
                         "read.batch_rows=7")
     assert resplit.version == first.version
     assert read_output(resplit.output).equals(read_output(first.output))
+    # A de-dup bucket above dedup.max_rows_per_task is done in slices (bounded memory): the same rows and funnel.
+    sliced = run_phase(laion_dir, str(tmp_path / "sliced"), tmp_path, "dedup.max_rows_per_task=7")
+    assert sliced.version != first.version
+    assert set(read_output(sliced.output).column("uid").to_pylist()) == set(read_output(first.output).column("uid").to_pylist())
+    assert {k: v for k, v in sliced.details["funnel"].items() if k not in ("seconds", "dedup")} == \
+        {k: v for k, v in first.details["funnel"].items() if k not in ("seconds", "dedup")}
+    assert any(f.count("-") == 2 and f.startswith("part-") for f in os.listdir(sliced.output))
     # The report too: histograms and samples merge exactly whatever the task split.
     report = [json.load(open(os.path.join(r.output, "report", "report.json"))) for r in (first, resplit)]
     assert report[0]["histograms"] == report[1]["histograms"] and report[0]["samples"] == report[1]["samples"]
