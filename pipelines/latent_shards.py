@@ -319,7 +319,7 @@ def write_shard(uri: str, tables: Iterable[pa.Table], shapes: dict[str, list[int
     schema = tensor_schema(shapes)
     metadata = {STATS_KEY: json.dumps(stats).encode()} if stats is not None else {}
     if filesystem is not None:  # no resolving: for s3:// that would ask the endpoint for the bucket's region
-        fs, path, local = filesystem, uri.split("://", 1)[-1], None
+        fs, path, local = filesystem, storage.split_options(uri)[0].split("://", 1)[-1], None
     else:
         fs, path = storage.resolve(uri)
         local = storage.local_path(uri)

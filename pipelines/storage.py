@@ -8,6 +8,7 @@ half-written manifest that a rerun would trust.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -23,37 +24,57 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith(_REMOTE_SCHEMES)
 
 
+def split_options(uri: str) -> tuple[str, str]:
+    """A remote URI -> (scheme://bucket/path, "?options" or ""): the filesystem's options
+    (`s3://bucket/laion?endpoint_override=127.0.0.1:9000&scheme=http`) travel with every URI derived from it,
+    after its path, never inside it."""
+    base, sep, query = str(uri).partition("?")
+    return base, (sep + query if sep else "")
+
+
 def normalize(uri: str | os.PathLike) -> str:
-    """Local paths become absolute plain paths; file:// URIs become plain paths; remote URIs stay."""
+    """Local paths become absolute plain paths; file:// URIs become plain paths; remote URIs stay (a trailing
+    slash of the path dropped, options kept)."""
     uri = os.fspath(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
         return os.path.abspath(uri or "/")
     if is_remote(uri):
-        return uri.rstrip("/")
+        base, options = split_options(uri)
+        return base.rstrip("/") + options
     if "://" in uri:
         raise ValueError(f"unsupported storage URI scheme: {uri!r} (use a local path, file://, s3:// or gs://)")
     return os.path.abspath(os.path.expanduser(uri))
 
 
+@functools.lru_cache(maxsize=64)
+def _remote_filesystem(root: str) -> pafs.FileSystem:
+    """One filesystem per scheme://bucket?options (S3 clients are costly to make, and resolve a bucket's region)."""
+    return pafs.FileSystem.from_uri(root)[0]
+
+
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """URI -> (filesystem, path on that filesystem)."""
+    """URI -> (filesystem, path on that filesystem). Credentials come from the environment or the profile
+    (pyarrow's S3 / GCS defaults), never from the URI."""
     uri = normalize(uri)
     if is_remote(uri):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
+        base, options = split_options(uri)
+        scheme, _, path = base.partition("://")
+        bucket = path.split("/", 1)[0]
+        return _remote_filesystem(f"{scheme}://{bucket}{options}"), path
     return pafs.LocalFileSystem(), uri
 
 
 def join(uri: str, *parts: str) -> str:
     uri = normalize(uri)
     if is_remote(uri):
-        return posixpath.join(uri, *parts)
+        base, options = split_options(uri)
+        return posixpath.join(base, *parts) + options
     return os.path.join(uri, *parts)
 
 
 def basename(uri: str) -> str:
-    return posixpath.basename(normalize(uri).rstrip("/"))
+    return posixpath.basename(split_options(normalize(uri))[0].rstrip("/"))
 
 
 def local_path(uri: str) -> str | None:
@@ -88,6 +109,7 @@ def list_files(uri: str, suffix: str | tuple[str, ...] | None = None, recursive:
     else:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     base = normalize(uri)
+    options = split_options(base)[1] if is_remote(base) else ""
     out = []
     for entry in infos:
         if entry.type != pafs.FileType.File:
@@ -99,7 +121,7 @@ def list_files(uri: str, suffix: str | tuple[str, ...] | None = None, recursive:
             continue
         if is_remote(base):
             scheme = base.split("://", 1)[0]
-            out.append(f"{scheme}://{entry.path}")
+            out.append(f"{scheme}://{entry.path}{options}")
         else:
             out.append(entry.path)
     return sorted(out)
@@ -193,14 +215,15 @@ def local_copy(uri: str) -> str:
     import hashlib
     import tempfile
 
-    name = hashlib.sha256(normalize(uri).encode()).hexdigest()[:16] + posixpath.splitext(uri.rstrip("/"))[1]
+    path_part = split_options(normalize(uri))[0]
+    name = hashlib.sha256(normalize(uri).encode()).hexdigest()[:16] + posixpath.splitext(path_part)[1]
     target = os.path.join(tempfile.gettempdir(), "wurst-local-copies", name)
     done = target + ".complete"
     if not os.path.exists(done):
         if is_dir(uri):
-            base = normalize(uri).split("://", 1)[-1]
+            base = path_part.split("://", 1)[-1]
             for path in list_files(uri, recursive=True):
-                dest = os.path.join(target, posixpath.relpath(path.split("://", 1)[-1], base))
+                dest = os.path.join(target, posixpath.relpath(split_options(path)[0].split("://", 1)[-1], base))
                 write_bytes(dest, read_bytes(path))
         else:
             write_bytes(target, read_bytes(uri))
