@@ -74,3 +74,68 @@ def test_files_listing_and_atomic_shards_on_the_server(s3, tmp_path):
     assert open(os.path.join(local, "sub", "model.safetensors"), "rb").read() == b"weights"
     storage.delete(storage.join(s3, "ckpt"))
     assert not storage.exists(storage.join(s3, "ckpt", "config.json"))
+
+
+def test_filter_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path):
+    """The filter phase with its input and output on the S3 server (Ray tasks read and write there)."""
+    import json
+
+    from pipelines import filter as filter_phase
+    from test_laion_releases import N, _rows, _write
+
+    rows = _rows(5)
+    local = tmp_path / "laion" / "part-00000.parquet"
+    _write(str(local), rows, {"URL": "URL", "TEXT": "TEXT", "WIDTH": "WIDTH", "HEIGHT": "HEIGHT",
+                              "similarity": "similarity", "punsafe": "punsafe", "pwatermark": "pwatermark",
+                              "AESTHETIC_SCORE": "aesthetic", "hash": "hash"})
+    source = storage.join(s3, "laion", "part-00000.parquet")
+    storage.write_bytes(source, local.read_bytes())
+    result = filter_phase.main(["--input", storage.join(s3, "laion"), "--output", storage.join(s3, "filtered"),
+                                "--set", f"data_root={tmp_path}", "--set", "mlflow.enabled=false",
+                                "--set", "dedup.num_buckets=2"])
+    assert result.output.startswith("s3://wurst/data/filtered/") and storage.split_options(result.output)[1]
+    funnel = storage.read_json(storage.join(result.output, "funnel.json"))
+    assert funnel["rows_read"] == N and storage.exists(storage.join(result.output, "manifest.json"))
+    parts = [f for f in storage.list_files(result.output) if storage.basename(f).startswith("part-")]
+    assert sum(latent_shards.pq.read_metadata(storage.local_copy(p)).num_rows for p in parts) == funnel["rows_written"]
+    assert not any("_work.tmp" in f for f in storage.list_files(result.output, recursive=True))
+    assert json.dumps(result.manifest).count("testing") == 0  # no credentials in the manifest
+
+
+def _upload(local_dir: str, uri: str) -> None:
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            storage.write_bytes(storage.join(uri, os.path.relpath(path, local_dir)), open(path, "rb").read())
+
+
+def test_precompute_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path):
+    """Precompute with its image-shard input, encoder checkpoints and latent output on the S3 server."""
+    import torch
+
+    import helpers
+    import stages
+    from pipelines import precompute
+    from stages.semantic import SemanticCompressor, SemanticCompressorConfig
+    from stages.stage_a import StageA, StageAConfig
+    from stages.text import TextEncoder, TextEncoderConfig
+
+    images = helpers.write_image_shards(str(tmp_path / "images"), shards=2, per_shard=6, size=48)
+    _upload(images, storage.join(s3, "images", "v1"))
+    torch.manual_seed(0)
+    for name, model in (("text", TextEncoder(TextEncoderConfig.tiny())),
+                        ("semantic", SemanticCompressor(SemanticCompressorConfig.tiny())),
+                        ("stage_a", StageA(StageAConfig.tiny()))):
+        stages.save(model, tmp_path / "ckpt" / name)
+    _upload(str(tmp_path / "ckpt"), storage.join(s3, "ckpt"))
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "precompute-tiny.yaml")
+    result = precompute.main(["--config", config, "--set", f"input={storage.join(s3, 'images', 'v1')}",
+                              "--set", f"output={storage.join(s3, 'latents')}", "--set", f"data_root={tmp_path}",
+                              "--set", "mlflow.enabled=false",
+                              *[a for k in ("text", "semantic", "stage_a")
+                                for a in ("--set", f"encoders.{k}={storage.join(s3, 'ckpt', k)}")]])
+    counts = result.manifest["counts"]
+    assert counts["input_samples"] == 12 == counts["written"] + counts["skipped"]
+    reader = latent_shards.LatentDataset(result.output, ["uid", "stage_a"], shuffle=False, infinite=False,
+                                         batch_size=4)
+    assert sum(len(b["uid"]) for b in reader) == counts["train"]
