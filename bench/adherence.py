@@ -10,6 +10,11 @@
 3. Stage C sampling from the caption's text alone, then B and A (the whole chain), on training
    captions and on prompts whose combinations the training captions lack.
 Each row: accuracy per attribute against the caption, next to chance.
+
+`--text-use` adds how much Stage B reads its text on those samples (read-outs only, no probe): the share of
+attention its attention blocks give the object-colour token and all 77 text tokens, |eps(text) - eps(empty
+caption)| against |eps - eps(no latent)|, and the gradient norms of the text path (clip_mapper, attention)
+against the latent's (effnet_mappers) under Stage B's training loss.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance-c", type=float, default=3.0)
     parser.add_argument("--guidance-b", type=float, default=1.0)
     parser.add_argument("--unseen", type=int, default=12)
+    parser.add_argument("--text-use", action="store_true", help="also print how much Stage B reads its text")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -89,6 +95,8 @@ def main(argv=None) -> None:
     captions = [c for c in batch["caption"]]
     keep = [i for i, c in enumerate(captions) if probe.is_demo_caption(c)]
     captions = [captions[i] for i in keep]
+    if args.text_use:
+        text_use(models, batch, keep, captions, b_run)
     rows = {}
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -122,6 +130,70 @@ def main(argv=None) -> None:
         print(f"{name:<50}{result['n_images']:>4}" + "".join(f"{result['accuracy'][a]:11.2f}" for a in attributes)
               + f"{result['no_object']:>11}")
     print(f"{'chance':<54}" + "".join(f"{probe.CHANCE[a]:11.2f}" for a in attributes))
+
+
+def text_use(models, batch, keep, captions, b_run: str) -> None:
+    """Does Stage B read its text? Attention share of the colour token, eps differences, gradient norms."""
+    from stages import diffusion
+    from stages.blocks import AttnBlock
+
+    stage_b = models.stage_b
+    x0, effnet = batch["stage_a"][keep].float(), batch["semantic"][keep].float()
+    text = models.text_b.encode(captions)
+    uncond = models.text_b.empty_embedding().expand_as(text)
+    # The colour word's position: the first token where captions differing only in their colour differ.
+    from pipelines.evaluation import probe
+
+    colours = [probe.caption("large", c, "circle", "centre", "grey") for c in probe.PALETTES["colour"][:2]]
+    with torch.no_grad():
+        pair = models.text_b.encode(colours)
+    colour_token = int(((pair[0] - pair[1]).abs().sum(-1) > 1e-6).nonzero()[0])
+    shares = []
+
+    def hook(module, inputs, _output):
+        tokens, kv = inputs
+        heads, width = module.nhead, tokens.shape[-1]
+        q = module.to_q(tokens).unflatten(-1, (heads, width // heads)).transpose(1, 2)
+        k = module.to_k(kv).unflatten(-1, (heads, width // heads)).transpose(1, 2)
+        weights = (q @ k.transpose(-1, -2) / (width // heads) ** 0.5).softmax(-1)
+        first_text = kv.shape[1] - text.shape[1]
+        shares.append((float(weights[..., first_text:].sum(-1).mean()), float(weights[..., first_text + colour_token].mean()),
+                       1.0 / kv.shape[1]))
+
+    handles = [m.attention.register_forward_hook(hook) for m in stage_b.modules() if isinstance(m, AttnBlock)]
+    print(f"Stage B's text use ({len(captions)} training samples; colour word = text token {colour_token})")
+    try:
+        for t_value in (0.5, 0.9, 0.99):
+            shares.clear()
+            t = torch.full((len(x0),), t_value)
+            x_t = diffusion.add_noise(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+            with torch.no_grad():
+                eps = stage_b(x_t, t, effnet, text)
+                no_text = (eps - stage_b(x_t, t, effnet, uncond)).abs().mean()
+                no_latent = (eps - stage_b(x_t, t, torch.zeros_like(effnet), text)).abs().mean()
+            blocks = ", ".join(f"{a:.2f}/{c:.4f}" for a, c, _ in shares[:len(handles)])
+            print(f"  t={t_value}: attention on text/colour token per block {blocks} (uniform per key "
+                  f"{shares[0][2]:.4f}); |eps - eps(empty caption)| {no_text:.4f}, |eps - eps(no latent)| {no_latent:.4f}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    was_training = stage_b.training
+    stage_b.train()
+    stage_b.zero_grad()
+    loss, _ = diffusion.stage_b_loss(stage_b, x0, effnet, text, generator=torch.Generator().manual_seed(0),
+                                     timestep_warp=json.load(open(os.path.join(b_run, "run.json"))).get("config", {})
+                                     .get("data", {}).get("timestep_warp", 1.0))
+    loss.backward()
+
+    def norm(match) -> float:
+        grads = [p.grad.norm() ** 2 for n, p in stage_b.named_parameters() if match(n) and p.grad is not None]
+        return float(sum(grads) ** 0.5) if grads else 0.0
+
+    print(f"  grad norm (Stage B loss {loss.item():.3f}): clip_mapper {norm(lambda n: n.startswith('clip_mapper')):.5f}, "
+          f"attention {norm(lambda n: '.attention.' in n or 'kv_mapper' in n):.5f}, "
+          f"effnet_mappers {norm(lambda n: n.startswith('effnet_mappers')):.5f}, all {norm(lambda n: True):.5f}")
+    stage_b.zero_grad(set_to_none=True)
+    stage_b.train(was_training)
 
 
 if __name__ == "__main__":
