@@ -66,7 +66,7 @@ def component_dir(export_dir: str, name: str) -> str:
     own = storage.join(export_dir, name)
     if storage.exists(storage.join(own, "config.json")):
         return own
-    parent = export_dir.rstrip("/").rsplit("/", 1)[0]
+    parent = storage.parent(export_dir)
     shared = storage.join(companions_dir(parent), name)
     return shared if storage.exists(storage.join(shared, "config.json")) else own
 
@@ -74,7 +74,7 @@ def component_dir(export_dir: str, name: str) -> str:
 def export_record(checkpoint: str) -> Optional[dict]:
     """export.json of the export a stages checkpoint directory `<run>/export/<step>/<kind>` belongs to (the
     step, stage and run it was written at); None for a checkpoint that is not part of a run's export."""
-    parent = storage.normalize(checkpoint).rstrip("/").rpartition("/")[0]
+    parent = storage.parent(checkpoint)
     path = storage.join(parent, EXPORT_RECORD) if parent else None
     return storage.read_json(path) if path and storage.exists(path) else None
 
@@ -84,8 +84,8 @@ def resolve_checkpoint(uri: str) -> str:
     uri = storage.normalize(uri)
     if storage.exists(storage.join(uri, "config.json")):
         return uri
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    if not parent or not name:
+    parent, name = storage.parent(uri), storage.basename(uri)
+    if not parent or not name or parent == uri:
         return uri
     latest = latest_dir(parent)
     if latest is not None:  # <root>/<kind>: the latest export's

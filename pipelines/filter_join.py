@@ -146,7 +146,7 @@ def scatter_file(row: dict[str, str], tmp: str, num_buckets: int) -> dict[str, s
             continue
         part = table.take(pa.array(order[bounds[bucket]:bounds[bucket + 1]]))
         uri = _bucket_file(tmp, item["side"], bucket, item["index"])
-        storage.makedirs(uri.rsplit("/", 1)[0])
+        storage.makedirs(storage.parent(uri))
         with storage.open_output(uri) as sink, pa.ipc.new_file(sink, part.schema) as writer:
             writer.write_table(part)
         files[str(bucket)] = uri
@@ -205,7 +205,7 @@ def join_bucket(row: dict[str, str], tmp: str, tags: list[dict]) -> dict[str, st
             meta = joined
         meta = meta.sort_by([(SOURCE, "ascending")])
         part = storage.join(tmp, "join", "joined", f"part-{bucket:05d}.parquet")
-        storage.makedirs(part.rsplit("/", 1)[0])
+        storage.makedirs(storage.parent(part))
         pq.write_table(meta, storage.resolve(part)[1], filesystem=storage.resolve(part)[0], row_group_size=65_536)
         stats.update(rows=meta.num_rows, part=part)
     result = json.dumps(stats)

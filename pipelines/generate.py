@@ -87,9 +87,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def checkpoint_dirs(checkpoints: str | os.PathLike) -> dict[str, Path]:
-    """component -> directory; missing directories raise an error naming them."""
-    from pipelines import export_layout
+    """component -> directory; missing directories raise an error naming them. On an object store the
+    components are found there and copied locally once (`storage.local_copy`)."""
+    from pipelines import export_layout, storage
 
+    if storage.is_remote(str(checkpoints)):
+        return _remote_checkpoint_dirs(str(checkpoints))
     if not Path(checkpoints).is_dir():
         raise FileNotFoundError(f"checkpoints directory not found: {checkpoints}")
     # A training run's export root means its latest export; an export's companions live beside it.
@@ -108,6 +111,27 @@ def checkpoint_dirs(checkpoints: str | os.PathLike) -> dict[str, Path]:
             f"or {TEXT_C_DIR} + {TEXT_B_DIR} under {root})"
         )
     return dirs
+
+
+def _remote_checkpoint_dirs(uri: str) -> dict[str, Path]:
+    from pipelines import export_layout, storage
+
+    if not storage.is_dir(uri):
+        raise FileNotFoundError(f"checkpoints directory not found: {uri}")
+    root = export_layout.export_set(storage.normalize(uri))
+
+    def present(path: str) -> bool:
+        return storage.exists(storage.join(path, "config.json"))
+
+    dirs = {name: export_layout.component_dir(root, name) for name in STAGE_DIRS}
+    for name, fallback in ((TEXT_C_DIR, TEXT_DIR), (TEXT_B_DIR, TEXT_DIR)):
+        own = export_layout.component_dir(root, name)
+        dirs[name] = own if present(own) else export_layout.component_dir(root, fallback)
+    missing = sorted({path for path in dirs.values() if not present(path)})
+    if missing:
+        raise FileNotFoundError(f"missing checkpoint directory: {', '.join(missing)} (expected {', '.join(STAGE_DIRS)} "
+                                f"and {TEXT_DIR} or {TEXT_C_DIR} + {TEXT_B_DIR} under {root})")
+    return {name: Path(storage.local_copy(path)) for name, path in dirs.items()}
 
 
 def size_constraints(checkpoints: str | os.PathLike) -> tuple[int, int]:

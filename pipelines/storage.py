@@ -73,6 +73,15 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def parent(uri: str) -> str:
+    """The directory holding `uri` (an object store's options kept)."""
+    uri = normalize(uri)
+    if is_remote(uri):
+        base, options = split_options(uri)
+        return posixpath.dirname(base.rstrip("/")) + options
+    return os.path.dirname(uri.rstrip("/"))
+
+
 def basename(uri: str) -> str:
     return posixpath.basename(split_options(normalize(uri))[0].rstrip("/"))
 

@@ -139,3 +139,37 @@ def test_precompute_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path
     reader = latent_shards.LatentDataset(result.output, ["uid", "stage_a"], shuffle=False, infinite=False,
                                          batch_size=4)
     assert sum(len(b["uid"]) for b in reader) == counts["train"]
+
+
+def test_stage_b_trains_with_its_run_on_the_object_store(s3, embedded_ray, tmp_path):
+    """Stage B (tiny, Ray Train + DeepSpeed on gloo) from latents on the server, its run directory --
+    checkpoints, run.json, the export -- on the server too; the export loads back from there."""
+    import helpers
+    import stages
+    from pipelines import export_layout, train
+
+    latents = helpers.write_latent_dataset(str(tmp_path / "latents" / "v1"))
+    _upload(latents, storage.join(s3, "latents", "v1"))
+    runs = storage.join(s3, "runs")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "train-b-tiny.yaml")
+    args = ["--config", config, "--set", f"input={storage.join(s3, 'latents', 'v1')}", "--set", f"output={runs}",
+            "--set", f"data_root={tmp_path}", "--set", "mlflow.enabled=false", "--set", "train.num_workers=1",
+            "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "validation.every=0",
+            "--set", "sampling.every=0", "--set", "run_name=b-s3"]
+    train.main(args)
+    run_dir = storage.join(runs, "b-s3")
+    assert storage.exists(storage.join(run_dir, "run.json"))
+    assert any(storage.basename(d).startswith("checkpoint_") for d in storage.list_dirs(run_dir))
+    export = storage.join(run_dir, "export", "stage_b")
+    model = stages.load(storage.local_copy(export_layout.resolve_checkpoint(export)), expected_kind="stage_b")
+    assert model.config.c_in == 4
+
+
+def test_generate_reads_checkpoints_from_the_object_store(s3, tmp_path):
+    from pipelines.generate import generate_images, write_random_checkpoints
+
+    local = write_random_checkpoints(tmp_path / "checkpoints", seed=0)
+    _upload(str(local), storage.join(s3, "generation-set"))
+    result = generate_images(["a red cube"], checkpoints=storage.join(s3, "generation-set"), n=1, height=128,
+                             width=128, steps_c=2, steps_b=2, seed=0)
+    assert result.images[0].size == (128, 128)

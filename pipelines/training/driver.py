@@ -180,7 +180,7 @@ def compressor_source(cfg: TrainConfig, companions: dict[str, str]) -> str:
             raise ConfigError(f"semantic_compressor.init_from: {uri} is not a stages checkpoint (no config.json)")
         return uri
     if cfg.model.init_from:
-        export_dir = export_layout.resolve_checkpoint(cfg.model.init_from).rstrip("/").rpartition("/")[0]
+        export_dir = storage.parent(export_layout.resolve_checkpoint(cfg.model.init_from))
         own = storage.join(export_dir, "semantic")
         if export_dir and storage.exists(storage.join(export_dir, export_layout.EXPORT_RECORD)) and \
                 storage.exists(storage.join(own, "config.json")):
@@ -276,6 +276,9 @@ def fit(cfg: TrainConfig, plan: RunPlan):
     resources = {"CPU": cfg.train.cpus_per_worker}
     if plan.use_gpu:
         resources["GPU"] = 1
+    storage_path, storage_filesystem = plan.runs_root, None
+    if storage.is_remote(plan.runs_root):  # the endpoint and options of an s3:// root travel as the filesystem
+        storage_filesystem, storage_path = storage.resolve(plan.runs_root)
     trainer = TorchTrainer(
         # By reference from an importable module: under `python -m pipelines.train` that file is
         # __main__, and cloudpickle would ship __main__'s functions by value, without their imports.
@@ -284,7 +287,7 @@ def fit(cfg: TrainConfig, plan: RunPlan):
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=plan.run_name, storage_path=plan.runs_root,
+            name=plan.run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
