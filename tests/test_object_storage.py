@@ -76,6 +76,7 @@ def test_files_listing_and_atomic_shards_on_the_server(s3, tmp_path):
     assert not storage.exists(storage.join(s3, "ckpt", "config.json"))
 
 
+@pytest.mark.slow_e2e  # ~15-25 s each; the default suite keeps the storage-layer checks
 def test_filter_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path):
     """The filter phase with its input and output on the S3 server (Ray tasks read and write there)."""
     import json
@@ -109,6 +110,7 @@ def _upload(local_dir: str, uri: str) -> None:
             storage.write_bytes(storage.join(uri, os.path.relpath(path, local_dir)), open(path, "rb").read())
 
 
+@pytest.mark.slow_e2e  # ~15-25 s each; the default suite keeps the storage-layer checks
 def test_precompute_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path):
     """Precompute with its image-shard input, encoder checkpoints and latent output on the S3 server."""
     import torch
@@ -141,6 +143,7 @@ def test_precompute_reads_and_writes_the_object_store(s3, embedded_ray, tmp_path
     assert sum(len(b["uid"]) for b in reader) == counts["train"]
 
 
+@pytest.mark.slow_e2e  # ~15-25 s each; the default suite keeps the storage-layer checks
 def test_stage_b_trains_with_its_run_on_the_object_store(s3, embedded_ray, tmp_path):
     """Stage B (tiny, Ray Train + DeepSpeed on gloo) from latents on the server, its run directory --
     checkpoints, run.json, the export -- on the server too; the export loads back from there."""
