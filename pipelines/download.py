@@ -1,5 +1,8 @@
 """`python -m pipelines.download`: filtered metadata -> webdataset image shards, with img2dataset.
 
+Longer than 500 lines: the config, the shard plan and the driver with its failed-shard accounting and
+reports, one lifecycle; the per-shard work lives in `pipelines.download_task`.
+
 Reads one `filter` output version (part-*.parquet: uid, URL, TEXT, metadata columns), splits its
 rows into deterministic shards of `shard_size` consecutive rows and runs one Ray task per shard.
 Each task fetches its shard with img2dataset's own downloader, resizer and webdataset writer

@@ -1,5 +1,8 @@
 """One shard of `download`, inside a Ray task: fetch with img2dataset, check, verify, publish.
 
+Longer than 500 lines: one shard's whole life (plan, politeness, img2dataset run, checks, resume
+verification, publication) kept together, since each step's invariants feed the next.
+
 `download_shard(plan, settings)` reads its input rows, runs img2dataset's downloader (its resizer
 behind `SafeResizer`, its webdataset writer) in this process with the network guard installed into
 urllib, checks the result (one result row per input row, one image per success) and moves the shard's

@@ -1,5 +1,8 @@
 """Private-address guard for the downloader: never fetch into our own network.
 
+Longer than 500 lines: the address rules, the guarded opener, its per-host limits and the cached resolver
+together, so every connection path is checked by one module.
+
 URLs come from strangers (LAION metadata). Fetching them from inside a cluster must not become a
 way to reach cloud metadata endpoints (169.254.169.254), internal services or the host itself. Two
 parts:

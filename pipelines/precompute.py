@@ -1,5 +1,8 @@
 """`python -m pipelines.precompute`: text embeddings and image latents, computed once into shards.
 
+Longer than 500 lines: (~540) the config with its bucket checks, the version and the driver, whose
+manifest building has a square and a bucketed layout; the tasks and actors live in their own modules.
+
 CLIP text states, Semantic-Compressor latents and Stage A latents are computed once from a
 `download` output into columnar shards that training reads column by column.
 
