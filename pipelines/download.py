@@ -20,6 +20,14 @@ Politeness (`pipelines.download_task`): a per-host connection limit, 429 / 503 r
 Retry-After, a DNS cache per shard task (every address still checked by the guard), our own User-Agent.
 None of these settings is part of the version.
 
+Re-filtering (issue 19): earlier complete download versions under the same output root with the same
+`reuse_key` (the settings that decide what a sample is, and the stored metadata columns) form a pool. A uid the
+pool holds a sample or a permanent failure of is not fetched again (`reuse`, `refetch_failures`,
+`permanent_failures`; none of them versioned): each shard then writes a selection, NNNNN_selection.parquet (one
+row per input row: fetched or reused, success with the tar and member offsets that hold it, or failure with its
+reason; `pipelines.image_shards`), plus its own NNNNN.tar for the rows it fetched. `report.json`'s `reuse` and
+the manifest's `funnel_by_origin` count every row by origin.
+
 Why not `img2dataset.download()` per shard: it spawns a process pool and a logger process per
 call, each re-importing img2dataset (albumentations, torch via webdataset: seconds of CPU per
 shard), installs a SIGINT handler in the Ray worker, and gives no handle on the urllib opener the
@@ -42,12 +50,16 @@ format.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
 from typing import Any, Optional
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import manifest as manifest_lib
@@ -55,8 +67,9 @@ from pipelines import config as config_lib
 from pipelines import netguard, storage, tracking
 from pipelines.config import ConfigError, param
 # download_task first: it sets the environment img2dataset's imports need, in the driver and in workers.
-from pipelines.download_task import DownloadInputError, ShardPlan, ShardSettings, download_shard
-from pipelines.image_shards import shard_files, shard_name_digits
+from pipelines.download_task import (DownloadInputError, ShardPlan, ShardSettings, failure_reason, read_slice,
+                                     run_shard)
+from pipelines.image_shards import SELECTION_SUFFIX, shard_files, shard_name_digits
 from pipelines.phase import Context, InputError, Outcome, Phase, PhaseResult, module_cli
 from pipelines.runtime import RayConfig, default_data_root
 
@@ -73,12 +86,23 @@ IMG2DATASET_RESERVED = frozenset({"key", "caption", "url", "width", "height", "o
 VERSION_EXCLUDE = ("input", "output", "data_root", "ray", "mlflow", "threads_per_task", "cpus_per_task",
                    "max_shard_retries", "max_tasks_in_flight", "scratch_dir", "progress_interval_s",
                    "user_agent", "max_connections_per_host", "throttle_retries", "retry_backoff_s",
-                   "max_retry_wait_s", "dns_cache_seconds", "max_failed_shard_fraction", "resume_check")
+                   "max_retry_wait_s", "dns_cache_seconds", "max_failed_shard_fraction", "resume_check",
+                   "reuse", "refetch_failures", "permanent_failures")
 # Keys added after versions were already published: hashed only when set to something other than their
 # default, so that adding them did not give every existing download a new version.
 LATE_KEYS = {"max_shard_seconds": 3600.0, "allow_metadata_address": False}
 SHARD_FAILED = "shard_failed"
 REPORT = "report.json"
+# The settings that decide what a downloaded sample is (its bytes, its .json, whether it was kept): two download
+# versions with the same values (and the same stored metadata columns) hold interchangeable samples, so a new
+# version reuses an earlier one's (`reuse_key`). Fetch limits (timeouts, sizes) only decide failures, and only
+# permanent failures are reused; the shard size only the layout.
+REUSE_KEY_FIELDS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format", "encode_quality",
+                    "min_image_size", "max_aspect_ratio", "max_image_pixels", "compute_hash", "extract_exif",
+                    "user_agent_token", "disallowed_header_directives", "allowed_networks", "denied_networks")
+# Failures that a rerun would meet again: not fetched again by a later version (unless refetch_failures).
+PERMANENT_FAILURES = ("http_404", "http_410", "invalid_url", "not_an_image", "decode_error", "decompression_bomb",
+                      "image_too_small", "image_area_too_large", "aspect_ratio_too_large")
 
 
 @dataclasses.dataclass
@@ -157,6 +181,15 @@ class DownloadConfig:
     resume_check: str = param("quick", choices=("quick", "full"))
     # Shard tasks submitted at once (None: 4 per schedulable task slot of the cluster).
     max_tasks_in_flight: Optional[int] = param(None, ge=1)
+    # --- re-filtering (not versioned: which bytes are fetched now, not what the version holds) ---
+    # Reuse what earlier complete downloads under the same output root with the same reuse key hold (samples
+    # and permanent failures): only the other rows are fetched, and the new version refers to the earlier
+    # samples (NNNNN_selection.parquet) instead of copying them.
+    reuse: bool = True
+    # Fetch the earlier versions' permanent failures again (e.g. after a site came back).
+    refetch_failures: bool = False
+    # The failure reasons that count as permanent (reused as failures, not fetched again).
+    permanent_failures: list[str] = dataclasses.field(default_factory=lambda: list(PERMANENT_FAILURES))
     # Input columns copied into each sample's .json / the shard parquet (None: all but URL, TEXT).
     metadata_columns: Optional[list[str]] = None
     scratch_dir: Optional[str] = None  # local temp space on workers (None: system temp dir)
@@ -280,6 +313,111 @@ def plan_shards(files: list[InputFile], shard_size: int) -> list[ShardPlan]:
 
 
 # --------------------------------------------------------------------------------------------
+# Reuse: earlier downloads of the same source (the pool), and what each new shard takes from it
+
+
+def reuse_key(settings: dict, columns: list[str]) -> str:
+    """What makes two download versions' samples interchangeable: REUSE_KEY_FIELDS (defaults for keys an
+    older config lacks) and the metadata columns stored in each sample's .json."""
+    defaults = config_lib.to_dict(DownloadConfig())
+    tree = {k: settings.get(k, defaults.get(k)) for k in REUSE_KEY_FIELDS}
+    blob = json.dumps({"settings": tree, "columns": list(columns)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def manifest_reuse_key(manifest: dict) -> Optional[str]:
+    """The reuse key a download manifest records, or the one its config and sample fields give (versions
+    written before reuse existed); None when it is not a download's manifest."""
+    if manifest.get("phase") != PHASE_NAME:
+        return None
+    if manifest.get("reuse_key"):
+        return manifest["reuse_key"]
+    fields = manifest.get("json_fields") or []
+    if "caption" not in fields or not isinstance(manifest.get("config"), dict):
+        return None
+    return reuse_key(manifest["config"], fields[:fields.index("caption")])
+
+
+def find_pool(root: str, version: str, key: str) -> list[str]:
+    """The complete download versions under `root` (but `version`) whose samples this key may reuse, oldest
+    first (then by name): a version with failed shards counts with its completed shards."""
+    found = []
+    for directory in storage.list_dirs(root):
+        if storage.basename(directory) == version or not manifest_lib.has_manifest(directory):
+            continue
+        try:
+            manifest = manifest_lib.read(directory)
+        except (OSError, ValueError):
+            continue
+        if manifest_reuse_key(manifest) == key:
+            found.append((str(manifest.get("created_at", "")), directory))
+    return [d for _, d in sorted(found)]
+
+
+POOL_SCHEMA = pa.schema([("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+                         ("tar", pa.string()), ("key", pa.string()), ("members", pa.string())])
+
+
+def pool_index(pool: list[str], permanent: set[str]) -> pa.Table:
+    """One row per uid the pool holds a sample of, or (else) a failure in `permanent` of: uid, status,
+    reason, tar (relative to the images root), key (its member key in that tar), members (offsets, when a
+    selection recorded them). A success wins over a failure; among equals the oldest version's."""
+    tables = []
+    for directory in pool:
+        version = storage.basename(directory)
+        for name in manifest_lib.read(directory).get("shard_names") or []:
+            files = shard_files(directory, name)
+            if not storage.exists(files["stats"]):
+                continue  # a failed shard of that version
+            if storage.exists(files["selection"]):
+                with storage.open_input(files["selection"]) as f:
+                    t = pq.read_table(f, columns=["uid", "status", "reason", "tar", "key", "members"])
+                keep = pc.or_(pc.equal(t.column("status"), "success"),
+                              pc.is_in(t.column("reason"), value_set=pa.array(sorted(permanent), pa.string())))
+                tables.append(t.filter(keep).cast(POOL_SCHEMA))
+                continue
+            if not storage.exists(files["parquet"]):
+                continue
+            with storage.open_input(files["parquet"]) as f:
+                t = pq.read_table(f, columns=["uid", "key", "status", "error_message"])
+            reasons = [None if st == "success" else failure_reason(st, msg) for st, msg in
+                       zip(t.column("status").to_pylist(), t.column("error_message").to_pylist())]
+            ok = pc.equal(t.column("status"), "success")
+            table = pa.table({"uid": t.column("uid"), "status": pc.if_else(ok, "success", "failed"),
+                              "reason": pa.array(reasons, pa.string()),
+                              "tar": pc.if_else(ok, f"{version}/{name}.tar", pa.scalar(None, pa.string())),
+                              "key": t.column("key"), "members": pa.nulls(t.num_rows, pa.string())},
+                             schema=POOL_SCHEMA)
+            keep = pc.or_(ok, pc.is_in(table.column("reason"), value_set=pa.array(sorted(permanent), pa.string())))
+            tables.append(table.filter(keep))
+    if not tables:
+        return POOL_SCHEMA.empty_table()
+    table = pa.concat_tables(tables).combine_chunks()
+    table = table.append_column("rank", pc.if_else(pc.equal(table.column("status"), "success"), 0, 1)) \
+        .append_column("order", pa.array(range(table.num_rows), pa.int64()))
+    table = table.sort_by([("uid", "ascending"), ("rank", "ascending"), ("order", "ascending")])
+    uids = table.column("uid").combine_chunks()
+    first = pc.not_equal(uids.slice(1), uids.slice(0, len(uids) - 1)) if len(uids) > 1 else pa.array([], pa.bool_())
+    mask = pa.concat_arrays([pa.array([True]), first.cast(pa.bool_())]) if len(uids) else pa.array([], pa.bool_())
+    return table.filter(mask).select(POOL_SCHEMA.names)
+
+
+def split_reuse(plans: list[ShardPlan], index: pa.Table) -> dict[str, pa.Table]:
+    """Per shard, the pool rows of its uids (one join over the input's uid column)."""
+    pieces = [pa.table({"uid": pa.concat_tables([read_slice(u, a, b, ["uid"]) for u, a, b in plan.slices])
+                        .column("uid").combine_chunks(), "shard": pa.nulls(plan.num_rows, pa.int32()).fill_null(i)})
+              for i, plan in enumerate(plans)]
+    joined = pa.concat_tables(pieces).join(index, "uid", join_type="inner").sort_by([("shard", "ascending")])
+    out = {plan.name: POOL_SCHEMA.empty_table() for plan in plans}
+    shard = joined.column("shard").to_numpy()
+    for i, plan in enumerate(plans):
+        lo, hi = int(np.searchsorted(shard, i, "left")), int(np.searchsorted(shard, i, "right"))
+        if hi > lo:
+            out[plan.name] = joined.slice(lo, hi - lo).select(POOL_SCHEMA.names)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -287,11 +425,13 @@ class ShardsFailedError(InputError):
     """Some shards still failed after their retries; the report names them, no manifest is written."""
 
 
-def run_shards(ray, plans: list[ShardPlan], settings: ShardSettings, cfg: DownloadConfig, on_done=None
-               ) -> tuple[dict[str, dict], dict[str, str]]:
+def run_shards(ray, plans: list[ShardPlan], settings: ShardSettings, cfg: DownloadConfig, on_done=None,
+               reuse: Optional[dict[str, pa.Table]] = None) -> tuple[dict[str, dict], dict[str, str]]:
     """One Ray task per shard, at most `max_tasks_in_flight` at once, each retried up to
-    `max_shard_retries` times. Returns (summaries by shard name, errors of shards that failed)."""
-    remote = ray.remote(download_shard)
+    `max_shard_retries` times; `reuse`: per shard what the pool holds of it (None: nothing to reuse, plain
+    shards). Returns (summaries by shard name, errors of shards that failed)."""
+    remote = ray.remote(run_shard)
+    refs = {name: ray.put(table) for name, table in reuse.items()} if reuse is not None else {}
     # Retries are ours (max_retries=0 for Ray) so that every attempt and failure is accounted.
     task_options = {"num_cpus": cfg.cpus_per_task, "max_retries": 0}
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
@@ -303,7 +443,8 @@ def run_shards(ray, plans: list[ShardPlan], settings: ShardSettings, cfg: Downlo
     while queue or pending:
         while queue and len(pending) < window:
             plan, attempt = queue.pop()
-            ref = remote.options(name=f"download-shard-{plan.name}", **task_options).remote(plan, settings, attempt)
+            ref = remote.options(name=f"download-shard-{plan.name}", **task_options).remote(
+                plan, settings, attempt, refs.get(plan.name))
             pending[ref] = (plan, attempt)
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.progress_interval_s)
         if not ready:
@@ -344,8 +485,18 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
     politeness: dict[str, int] = {}
     succeeded = 0
     fetched_now = 0
+    reuse = {"reused_samples": 0, "reused_failures": {}, "fetched_rows": 0, "fetched_samples": 0,
+             "fetched_failures": {}}
     for summary in done.values():
         succeeded += summary["succeeded"]
+        plain = "fetched_rows" not in summary  # a shard without a selection: every row was fetched
+        reuse["reused_samples"] += summary.get("reused_samples", 0)
+        reuse["fetched_rows"] += summary["input_rows"] if plain else summary["fetched_rows"]
+        reuse["fetched_samples"] += summary["succeeded"] if plain else summary["fetched_samples"]
+        for key in ("reused_failures", "fetched_failures"):
+            for reason, n in (summary["failures"] if plain and key == "fetched_failures"
+                              else summary.get(key, {})).items():
+                reuse[key][reason] = reuse[key].get(reason, 0) + n
         for what, n in summary.get("politeness", {}).items():
             politeness[what] = max(politeness.get(what, 0), n) if what.startswith("peak_") else \
                 politeness.get(what, 0) + n
@@ -357,7 +508,7 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
             kept = examples.setdefault(reason, [])
             kept.extend(messages[:max(0, 3 - len(kept))])
         if not summary.get("resumed"):
-            fetched_now += summary["input_rows"]
+            fetched_now += summary["input_rows"] if plain else summary["fetched_rows"]
     rows_by_name = {p.name: p.num_rows for p in plans}
     lost = sum(rows_by_name[name] for name in failed)
     if lost:
@@ -368,6 +519,10 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
     if input_rows != succeeded + sum(failures.values()):
         raise RuntimeError(f"accounting error: {input_rows} input rows != {succeeded} succeeded + "
                            f"{sum(failures.values())} failed {failures}")
+    by_origin = reuse["fetched_samples"] + reuse["reused_samples"] + sum(reuse["fetched_failures"].values()) + \
+        sum(reuse["reused_failures"].values()) + lost
+    if input_rows != by_origin:
+        raise RuntimeError(f"accounting error: {input_rows} input rows != {by_origin} by origin {reuse}")
     return {
         "phase": PHASE_NAME, "version": version, "input": input_uri, "output": output_uri,
         "input_rows": input_rows, "succeeded": succeeded, "failed": input_rows - succeeded,
@@ -376,6 +531,11 @@ def build_report(plans: list[ShardPlan], done: dict[str, dict], failed: dict[str
         "failure_examples": {k: examples[k] for k in sorted(examples)},
         "repaired": dict(sorted(repaired.items())),
         "politeness": dict(sorted(politeness.items())),
+        # Rows fetched by this version vs. taken from earlier downloads of the same source (the pool); failed
+        # shards' rows are in neither. reused = reused_samples + sum(reused_failures).
+        "reuse": {**reuse, "reused": reuse["reused_samples"] + sum(reuse["reused_failures"].values()),
+                  "reused_failures": dict(sorted(reuse["reused_failures"].items())),
+                  "fetched_failures": dict(sorted(reuse["fetched_failures"].items()))},
         "shards": {"total": len(plans), "completed": len(done),
                    "resumed": sum(1 for s in done.values() if s.get("resumed")), "failed": len(failed),
                    "failed_shards": {name: config_lib.redact_text(message) for name, message in sorted(failed.items())}},
@@ -390,14 +550,19 @@ def _metrics(report: dict) -> dict[str, float]:
     metrics.update({f"failures.{reason}": float(n) for reason, n in report["failures"].items()})
     metrics.update({f"repaired.{what}": float(n) for what, n in report.get("repaired", {}).items()})
     metrics.update({f"politeness.{what}": float(n) for what, n in report.get("politeness", {}).items()})
+    reuse = report.get("reuse", {})
+    metrics.update({f"reuse.{k}": float(v) for k, v in reuse.items() if not isinstance(v, dict)})
+    metrics.update({f"reuse.reused_failures.{r}": float(n) for r, n in reuse.get("reused_failures", {}).items()})
     if report.get("rows_per_second") is not None:
         metrics["rows_per_second"] = float(report["rows_per_second"])
     return metrics
 
 
-def manifest_extra(cfg: DownloadConfig, columns: list[str], plans: list[ShardPlan], report: dict) -> dict:
+def manifest_extra(cfg: DownloadConfig, columns: list[str], plans: list[ShardPlan], report: dict,
+                   pool: Optional[list[str]] = None) -> dict:
     """What the manifest records besides the counts: the image settings and the sample layout."""
-    return {"failures": report["failures"], "image_size": cfg.image_size,
+    reuse = report.get("reuse") or {}
+    extra = {"failures": report["failures"], "image_size": cfg.image_size,
             "resize_mode": cfg.resize_mode, "encode_format": cfg.encode_format,
             "sample_fields": [cfg.encode_format, "txt", "json"],
             "json_fields": [*columns, "caption", "url", "key", "status", "error_message",
@@ -408,7 +573,21 @@ def manifest_extra(cfg: DownloadConfig, columns: list[str], plans: list[ShardPla
             # Every input row: downloaded, or failed with its reason (a failed shard's rows as shard_failed).
             "funnel": {"input_rows": report["input_rows"], "downloaded": report["succeeded"],
                        "failed": report["failures"]},
-            "failed_shards": report["shards"]["failed_shards"]}
+            # The same rows by origin: input_rows = downloaded_new + reused_samples + sum(fetched_failures) +
+            # sum(reused_failures) + shard_failed; downloaded = downloaded_new + reused_samples.
+            "funnel_by_origin": {"input_rows": report["input_rows"],
+                                 "downloaded_new": reuse.get("fetched_samples", report["succeeded"]),
+                                 "reused_samples": reuse.get("reused_samples", 0),
+                                 "fetched_failures": reuse.get("fetched_failures", {}),
+                                 "reused_failures": reuse.get("reused_failures", {}),
+                                 SHARD_FAILED: report["failures"].get(SHARD_FAILED, 0)},
+            "failed_shards": report["shards"]["failed_shards"],
+            "reuse_key": reuse_key(config_lib.to_dict(cfg), columns)}
+    if pool:
+        # The shards are selections (NNNNN_selection.parquet) over these versions' tars and this one's.
+        extra.update(layout="selection", reuse_pool=[storage.basename(d) for d in pool],
+                     selection_suffix=SELECTION_SUFFIX)
+    return extra
 
 
 def check_failed_shards(failed: dict[str, str], total: int, max_fraction: float, report_uri: str,
@@ -470,7 +649,18 @@ class DownloadPhase(Phase):
         settings = ShardSettings.from_config(cfg, out, columns, shard_name_digits(len(plans)))
         for warning in settings.guard.metadata_warnings():
             log.warning("SECURITY: %s", warning)
-        ctx.state.update(columns=columns, plans=plans, settings=settings)
+        pool, reuse = [], None
+        if cfg.reuse:
+            key = reuse_key(config_lib.to_dict(cfg), columns)
+            pool = find_pool(self.output_root(cfg), storage.basename(out), key)
+        if pool:
+            permanent = set() if cfg.refetch_failures else set(cfg.permanent_failures)
+            index = pool_index(pool, permanent)
+            reuse = split_reuse(plans, index)
+            log.info("download: reusing %d earlier version(s) of the same source (%s): %d of %d rows held", len(pool),
+                     ", ".join(storage.basename(d) for d in pool), sum(t.num_rows for t in reuse.values()),
+                     sum(p.num_rows for p in plans))
+        ctx.state.update(columns=columns, plans=plans, settings=settings, pool=pool, reuse=reuse)
         log.info("download %s -> %s: %d rows in %d shards of %d", ctx.input_uri, out, sum(p.num_rows for p in plans),
                  len(plans), cfg.shard_size)
 
@@ -491,7 +681,7 @@ class DownloadPhase(Phase):
                              "progress.succeeded": totals["ok"]}, step=n_done)
 
         started = time.time()
-        done, failed = run_shards(ctx.ray, plans, ctx.state["settings"], cfg, on_done)
+        done, failed = run_shards(ctx.ray, plans, ctx.state["settings"], cfg, on_done, ctx.state["reuse"])
         report = build_report(plans, done, failed, version=ctx.version, input_uri=ctx.input_uri, output_uri=out,
                               duration_s=time.time() - started)
         storage.write_json(report_uri, report)
@@ -509,8 +699,10 @@ class DownloadPhase(Phase):
                         len(plans), cfg.max_shard_retries, ", ".join(sorted(failed)),
                         report["failures"].get(SHARD_FAILED, 0), SHARD_FAILED, cfg.max_failed_shard_fraction)
         counts = {"input_rows": report["input_rows"], "samples": report["succeeded"], "failed": report["failed"],
-                  "shards": len(plans)}
-        return Outcome(counts=counts, extra=manifest_extra(cfg, ctx.state["columns"], plans, report), details=report)
+                  "shards": len(plans), "fetched_rows": report["reuse"]["fetched_rows"],
+                  "reused": report["reuse"]["reused"], "reused_samples": report["reuse"]["reused_samples"]}
+        return Outcome(counts=counts, extra=manifest_extra(cfg, ctx.state["columns"], plans, report, ctx.state["pool"]),
+                       details=report)
 
 
 PHASE = DownloadPhase()

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -62,7 +63,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import config as config_lib
-from pipelines import netguard, storage
+from pipelines import image_shards, netguard, storage
 from pipelines.image_shards import WEB_IMAGE_FORMATS, count_tar_samples, shard_files
 from pipelines.phase import InputError
 
@@ -725,3 +726,178 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
         _publish(local["parquet"], shard_files(settings.output_uri, plan.name)["parquet"])
         storage.write_json(shard_files(settings.output_uri, plan.name)["stats"], stats)
     return {**summary, "resumed": False}
+
+
+# --------------------------------------------------------------------------------------------
+# A shard of a version that reuses earlier downloads of the same source: fetch only the difference
+
+
+SELECTION_LAYOUT = "selection"  # the stats' `layout` of a shard written with a selection
+FETCHED, REUSED = "fetched", "reused"
+
+
+def version_key(shard_id: int, row: int, shard_size: int, digits: int) -> str:
+    """The key img2dataset gives row `row` of shard `shard_id` (its `compute_key`): a selection's rows keep
+    the keys a download of the whole version would have given them, unique within the version."""
+    oom = math.ceil(math.log10(shard_size)) if shard_size > 1 else 0
+    return f"{10 ** oom * shard_id + row:0{oom + digits}d}"
+
+
+def _selection_record(selection_path: str, tar_path: Optional[str]) -> dict:
+    record = {"format": RECORD_FORMAT, "selection_bytes": os.path.getsize(selection_path), "tar_bytes": None}
+    if tar_path is not None:
+        size = os.path.getsize(tar_path)
+        record.update(tar_bytes=size, edge_sha256=_edge_digest(tar_path, size))
+    return record
+
+
+def verify_selection_shard(settings: ShardSettings, plan: ShardPlan) -> Optional[dict]:
+    """The recorded summary of a selection shard that is complete on storage (sizes of its selection and
+    own tar, the tar's first / last 64 KiB), else None."""
+    paths = shard_files(settings.output_uri, plan.name)
+    try:
+        if not storage.exists(paths["stats"]):
+            return None
+        summary = storage.read_json(paths["stats"]).get(STATS_SECTION) or {}
+        record = summary.get("record") or {}
+        why = None
+        if summary.get("layout") != SELECTION_LAYOUT or summary.get("input_rows") != plan.num_rows:
+            why = "it was not written as a selection of this plan"
+        elif storage.file_info(paths["selection"]).size != record.get("selection_bytes"):
+            why = "the selection's size differs from what was written"
+        elif record.get("tar_bytes") is not None:
+            size = storage.file_info(paths["tar"]).size
+            if size != record["tar_bytes"] or _edge_digest(paths["tar"], size) != record["edge_sha256"]:
+                why = "its own tar differs from what was written"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    if why is not None:
+        log.warning("shard %s: existing files do not verify (%s); downloading it again", plan.name, why)
+        return None
+    return summary
+
+
+def download_selection_shard(plan: ShardPlan, settings: ShardSettings, reuse: pa.Table, attempt: int = 0) -> dict:
+    """Shard `plan` of a version that reuses earlier downloads: `reuse` holds what earlier versions of the
+    same source have for some of its uids (uid, status, reason, tar, key, members: see `pipelines.download`).
+    Only the other rows are fetched (into this shard's own NNNNN.tar / NNNNN.parquet); the shard's
+    NNNNN_selection.parquet lists every input row in input order: fetched or reused, success (with the tar
+    and the members' offsets holding it) or failure (with its reason). The stats file is written last."""
+    stats_uri = shard_files(settings.output_uri, plan.name)["stats"]
+    if storage.exists(stats_uri) and \
+            (storage.read_json(stats_uri).get(STATS_SECTION) or {}).get("layout") != SELECTION_LAYOUT:
+        existing = verify_shard(settings, plan)  # completed without a selection (before the pool had anything)
+    else:
+        existing = verify_selection_shard(settings, plan)
+    if existing is not None:
+        return {**existing, "resumed": True}
+    _remove_shard(settings, plan.name)
+    started = time.time()
+    shard_deadline = time.monotonic() + settings.max_shard_seconds
+    read_columns = ["URL", "TEXT", *settings.columns]
+    table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
+    if table.num_rows != plan.num_rows:
+        raise RuntimeError(f"shard {plan.name}: read {table.num_rows} input rows, planned {plan.num_rows}")
+    table, repaired = repair_utf8(table, plan.name)
+    uids = table.column("uid").combine_chunks()
+    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
+        raise DownloadInputError(f"shard {plan.name} (input {plan.slices[0][0]}...): column 'uid' has null or "
+                                 f"duplicate values; the filter phase guarantees unique uids")
+    held = {row["uid"]: row for row in reuse.to_pylist()}
+    fetch_mask = pc.invert(pc.is_in(uids, value_set=reuse.column("uid").combine_chunks()))
+    to_fetch = table.filter(fetch_mask)
+    version = storage.basename(settings.output_uri)
+    own_tar = f"{version}/{plan.name}.tar"
+    fetched: dict[str, dict] = {}
+    politeness: dict = {}
+    failures_new: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    paths = shard_files(settings.output_uri, plan.name)
+    with tempfile.TemporaryDirectory(prefix=f"wurst-download-{plan.name}-", dir=settings.scratch_dir) as work:
+        local_tar = None
+        if to_fetch.num_rows:
+            out_dir, politeness = _fetch_with_img2dataset(to_fetch, work, plan.shard_id, settings, shard_deadline)
+            local_tar = os.path.join(out_dir, f"{plan.name}.tar")
+            local_parquet = os.path.join(out_dir, f"{plan.name}.parquet")
+            for path in (local_tar, local_parquet):
+                if not os.path.exists(path):
+                    raise RuntimeError(f"shard {plan.name}: img2dataset wrote no {os.path.basename(path)}")
+            results = pq.read_table(local_parquet, columns=["uid", "key", "status", "error_message"])
+            succeeded_new, failures_new, examples = summarize_results(results, to_fetch.column("uid").combine_chunks())
+            index = image_shards.tar_member_index(local_tar)
+            for row in results.to_pylist():
+                if row["status"] == "success":
+                    if row["key"] not in index:
+                        raise RuntimeError(f"shard {plan.name}: {row['key']} is a success but not in the tar")
+                    fetched[row["uid"]] = {"status": "success", "reason": None, "tar": own_tar,
+                                           "members": json.dumps({e: list(v) for e, v in index[row["key"]].items()})}
+                else:
+                    fetched[row["uid"]] = {"status": "failed", "reason": failure_reason(row["status"], row["error_message"]),
+                                           "tar": None, "members": None}
+            if len(index) != succeeded_new:
+                raise RuntimeError(f"shard {plan.name}: tar holds {len(index)} samples, results say {succeeded_new}")
+        # Reused successes recorded without offsets (an earlier version's own tar): its headers, once per tar.
+        indexes: dict[str, dict] = {}
+        rows = []
+        reused_failures: dict[str, int] = {}
+        reused_samples = 0
+        for i, uid in enumerate(uids.to_pylist()):
+            key = version_key(plan.shard_id, i, settings.shard_size, settings.digits)
+            if uid in held:
+                entry, origin = held[uid], REUSED
+                if entry["status"] == "success":
+                    members = entry["members"]
+                    if members is None:
+                        tar_uri = image_shards.resolve_tar(paths["selection"], entry["tar"])
+                        if tar_uri not in indexes:
+                            indexes[tar_uri] = image_shards.tar_member_index(tar_uri)
+                        parts = indexes[tar_uri].get(entry["key"])
+                        if parts is None:
+                            raise RuntimeError(f"shard {plan.name}: {entry['tar']} does not hold {entry['key']} "
+                                               f"(uid {uid}), which its shard's results list as a success")
+                        members = json.dumps({e: list(v) for e, v in parts.items()})
+                    entry = {**entry, "members": members}
+                    reused_samples += 1
+                else:
+                    reused_failures[entry["reason"]] = reused_failures.get(entry["reason"], 0) + 1
+            elif uid in fetched:
+                entry, origin = fetched[uid], FETCHED
+            else:  # img2dataset gave no result row for it: counted by summarize_results as MISSING_ROWS
+                entry, origin = {"status": "failed", "reason": MISSING_ROWS, "tar": None, "members": None}, FETCHED
+            rows.append({"uid": uid, "key": key, "status": entry["status"], "reason": entry["reason"],
+                         "origin": origin, "tar": entry["tar"] if entry["status"] == "success" else None,
+                         "members": entry["members"] if entry["status"] == "success" else None})
+        selection = pa.Table.from_pylist(rows, schema=image_shards.selection_schema())
+        local_selection = os.path.join(work, f"{plan.name}{image_shards.SELECTION_SUFFIX}")
+        pq.write_table(selection, local_selection)
+        succeeded = sum(1 for r in rows if r["status"] == "success")
+        failures: dict[str, int] = {}
+        for r in rows:
+            if r["status"] != "success":
+                failures[r["reason"]] = failures.get(r["reason"], 0) + 1
+        if succeeded + sum(failures.values()) != plan.num_rows:
+            raise RuntimeError(f"shard {plan.name}: {succeeded} ok + {sum(failures.values())} failed != "
+                               f"{plan.num_rows} input rows")
+        record = _selection_record(local_selection, local_tar)
+        summary = {"shard": plan.name, "layout": SELECTION_LAYOUT, "input_rows": plan.num_rows,
+                   "succeeded": succeeded, "failures": dict(sorted(failures.items())),
+                   "failure_examples": examples, "repaired": repaired, "politeness": politeness,
+                   "fetched_rows": to_fetch.num_rows, "fetched_samples": to_fetch.num_rows - sum(failures_new.values()),
+                   "fetched_failures": dict(sorted(failures_new.items())),
+                   "reused_samples": reused_samples, "reused_failures": dict(sorted(reused_failures.items())),
+                   "tar_bytes": record["tar_bytes"], "record": record, "attempt": attempt,
+                   "duration_s": round(time.time() - started, 3)}
+        if local_tar is not None:
+            _publish(local_tar, paths["tar"])
+            _publish(local_parquet, paths["parquet"])
+        _publish(local_selection, paths["selection"])
+        storage.write_json(paths["stats"], {"successes": succeeded, STATS_SECTION: summary})
+    return {**summary, "resumed": False}
+
+
+def run_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0, reuse: Optional[pa.Table] = None) -> dict:
+    """One shard task: a plain download (`download_shard`) when there is no earlier download of the same
+    source to reuse, else a selection (`download_selection_shard`)."""
+    if reuse is None:
+        return download_shard(plan, settings, attempt)
+    return download_selection_shard(plan, settings, reuse, attempt)

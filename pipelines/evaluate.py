@@ -196,12 +196,15 @@ def reference_batches(uri: str, limit: int, size: int, batch: int = 32):
 
     def images():
         local = storage.local_path(uri)
-        if local and os.path.isdir(local) and not glob.glob(os.path.join(local, "*.tar")):
+        if local and os.path.isdir(local) and not glob.glob(os.path.join(local, "*.tar")) \
+                and not glob.glob(os.path.join(local, "*" + image_shards.SELECTION_SUFFIX)):
             for path in sorted(p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True)
                                if p.lower().endswith(IMAGE_SUFFIXES)):
                 yield Image.open(path, formats=image_shards.WEB_IMAGE_FORMATS)
             return
-        for _, members in image_shards.iter_tar_samples(uri):
+        # A download version: each shard's samples (a selection's only, in a version reusing earlier downloads).
+        sources = image_shards.list_shards(uri) if storage.is_dir(uri) else [uri]
+        for _, members in (sample for source in sources for sample in image_shards.iter_shard_samples(source)):
             data = next((v for k, v in members.items() if k.lower() in {s.lstrip(".") for s in IMAGE_SUFFIXES}), None)
             if data is not None:
                 yield Image.open(io.BytesIO(data), formats=image_shards.SHARD_IMAGE_FORMATS)

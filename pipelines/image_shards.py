@@ -1,5 +1,8 @@
 """The image-shard format (a `download` output: img2dataset webdataset shards), and its reader.
 
+Longer than 500 lines: both shard layouts (tars, and selections over earlier versions' tars) with the reads
+of each, kept next to the one reader and ordering contract every phase uses.
+
 One module for what a download output looks like, used by the phase that writes it and by those that
 read it: the shard files (``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``, the stats last),
 tar members grouped into samples by key, the image extensions, per-shard counts. No torch at import:
@@ -18,7 +21,9 @@ Ordering contract (the one ``pipelines.latent_shards`` documents, with whole sha
 ------------------------------------------------------------------------------------------------
 * N images are the members of the ``NNNNN.tar`` shards (sorted by name) with an image extension, in
   tar order; per-shard counts come from ``NNNNN_stats.json`` ("successes"), else from the shard's
-  parquet (status == "success"), else from scanning the tar.
+  parquet (status == "success"), else from scanning the tar. A shard with a selection
+  (``NNNNN_selection.parquet``, a version that reuses earlier downloads) is its selected samples in the
+  selection's order, read by range from whichever tar holds them (see "Selections").
 * Epoch ``e``: shards permuted with ``numpy.random.default_rng([seed, e])`` and concatenated; rank r
   of W takes the contiguous range ``[r*M, (r+1)*M)``, ``M = N // W``; the range is cut into windows of
   ``shuffle_window`` samples, each permuted with ``default_rng([seed, e, r, W, window])``.
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import logging
 import posixpath
 import tarfile
@@ -79,20 +85,167 @@ def shard_name_digits(num_shards: int) -> int:
 
 def shard_files(root: str, name: str) -> dict[str, str]:
     """The files of shard `name` (e.g. ``00007``) of a download output: the webdataset tar,
-    img2dataset's per-row results (parquet) and its stats (written last: the shard is complete)."""
+    img2dataset's per-row results (parquet), the selection (a version that reuses earlier downloads, see
+    "Selections" below) and its stats (written last: the shard is complete)."""
     return sibling_files(storage.join(root, f"{name}.tar"))
 
 
 def sibling_files(tar_uri: str) -> dict[str, str]:
     stem = tar_uri[: -len(".tar")]
-    return {"tar": tar_uri, "parquet": stem + ".parquet", "stats": stem + "_stats.json"}
+    return {"tar": tar_uri, "parquet": stem + ".parquet", "selection": stem + SELECTION_SUFFIX,
+            "stats": stem + "_stats.json"}
 
 
 def list_shards(uri: str) -> list[str]:
-    shards = [p for p in storage.list_files(uri, suffix=".tar")]
+    """What a reader reads of a download version, one entry per shard in name order: the shard's selection
+    (``NNNNN_selection.parquet``) where it has one, else its tar. Never a tar that a selection stands for."""
+    files = storage.list_files(uri, suffix=(".tar", SELECTION_SUFFIX))
+    selections = {f[: -len(SELECTION_SUFFIX)] for f in files if f.endswith(SELECTION_SUFFIX)}
+    shards = [f for f in files if f.endswith(SELECTION_SUFFIX) or f[: -len(".tar")] not in selections]
     if not shards:
         raise ImageShardError(f"{uri}: no .tar shards (expected img2dataset webdataset output)")
     return sorted(shards)
+
+
+def is_selection(source: str) -> bool:
+    return str(source).endswith(SELECTION_SUFFIX)
+
+
+def source_name(source: str) -> str:
+    """``NNNNN`` of a shard source (its tar or its selection)."""
+    base = storage.basename(source)
+    return base[: -len(SELECTION_SUFFIX)] if is_selection(base) else base[: -len(".tar")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Selections: a download version that refers to samples of earlier versions instead of copying them
+#
+# A download of a new filter version fetches only the rows no earlier download of the same source holds
+# (`pipelines.download`); each of its shards then has ``NNNNN_selection.parquet``: one row per input row of
+# the shard, in input order, with its ``uid``, the version's ``key`` for it, ``status`` (success / failed),
+# ``reason`` (a failure's), ``origin`` (fetched: by this version; reused: from an earlier one), and for a
+# success the tar that holds its bytes (``tar``, relative to the images root: ``<version>/NNNNN.tar``, this
+# version's own or an earlier one's) and ``members`` (JSON: extension -> [data offset, size] in that tar). The
+# shard's samples are its success rows in file order; a reader range-reads exactly their members, never a
+# tar's other samples.
+
+SELECTION_SUFFIX = "_selection.parquet"
+SELECTION_SCHEMA_FIELDS = (("uid", "string"), ("key", "string"), ("status", "string"), ("reason", "string"),
+                           ("origin", "string"), ("tar", "string"), ("members", "string"))
+# Two selected samples of one tar whose members lie at most this far apart are read in one range read
+# (the gap is read, never decoded).
+COALESCE_GAP_BYTES = 16 * 1024
+
+
+def selection_schema():
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in SELECTION_SCHEMA_FIELDS])
+
+
+def _images_root(selection_uri: str) -> str:
+    # storage.parent keeps an object-store URI's options (?endpoint_override=...) after the path.
+    return storage.parent(storage.parent(storage.normalize(selection_uri)))
+
+
+def resolve_tar(selection_uri: str, relative: str) -> str:
+    """The URI of a tar a selection names (relative to the images root the selection's version is in)."""
+    return storage.join(_images_root(selection_uri), *relative.split("/"))
+
+
+def read_selection(uri: str, successes_only: bool = True) -> list[dict]:
+    """The rows of a selection file, in order (by default only its samples: the success rows)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(uri) as handle:
+        rows = pq.read_table(handle).to_pylist()
+    return [r for r in rows if r["status"] == "success"] if successes_only else rows
+
+
+def selection_count(uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    with storage.open_input(uri) as handle:
+        status = pq.read_table(handle, columns=["status"]).column("status").to_pylist()
+    return sum(1 for s in status if s == "success")
+
+
+def selection_members(uri: str) -> list[tuple[str, str, dict[str, tuple[int, int]]]]:
+    """(tar URI, key, {extension: (offset, size)}) per sample of a selection, in order."""
+    out = []
+    for row in read_selection(uri):
+        members = {ext: (int(o), int(n)) for ext, (o, n) in json.loads(row["members"]).items()}
+        out.append((resolve_tar(uri, row["tar"]), row["key"], members))
+    return out
+
+
+def iter_selection_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a selection, in order: range reads of exactly the selected
+    members (neighbours in one tar within COALESCE_GAP_BYTES share one read). A sample whose bytes cannot be
+    read (its tar is shorter than recorded, or gone) is yielded as a TRUNCATED_PART placeholder."""
+    samples = selection_members(uri)
+    handles: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def handle_for(tar: str):
+        if tar not in handles:
+            handles[tar] = storage.open_input(tar)
+            while len(handles) > 8:
+                handles.popitem(last=False)[1].close()
+        handles.move_to_end(tar)
+        return handles[tar]
+
+    try:
+        i = 0
+        while i < len(samples):
+            tar, _, members = samples[i]
+            lo = min(o for o, _ in members.values())
+            hi = max(o + n for o, n in members.values())
+            j = i + 1
+            while j < len(samples) and samples[j][0] == tar:
+                nxt = samples[j][2]
+                n_lo, n_hi = min(o for o, _ in nxt.values()), max(o + n for o, n in nxt.values())
+                if not 0 <= n_lo - hi <= COALESCE_GAP_BYTES:
+                    break
+                hi = n_hi
+                j += 1
+            try:
+                handle = handle_for(tar)
+                data = handle.read_at(hi - lo, lo)
+                if len(data) != hi - lo:
+                    raise EOFError(f"{len(data)} of {hi - lo} bytes at offset {lo}")
+            except (OSError, EOFError, ValueError) as exc:
+                detail = f"{TRUNCATED_TAR}: {tar}: the selected samples' bytes cannot be read ({exc}) (from {uri})"
+                log.warning("%s", detail)
+                for _, key, _ in samples[i:j]:
+                    yield key, {TRUNCATED_PART: detail.encode("utf-8")}
+                i = j
+                continue
+            for _, key, parts in samples[i:j]:
+                yield key, {ext: data[o - lo:o - lo + n] for ext, (o, n) in parts.items()}
+            i = j
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def iter_shard_samples(source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of one shard source of `list_shards`: a selection's, or a tar's (`iter_tar_samples`)."""
+    return iter_selection_samples(source) if is_selection(source) else iter_tar_samples(source)
+
+
+def tar_member_index(tar_uri: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """key -> {extension: (data offset, size)} of every sample of a tar (headers only)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    with storage.open_input(tar_uri) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, name = posixpath.split(member.name)
+            if "." not in name:
+                continue
+            stem, ext = name.split(".", 1)
+            out.setdefault(posixpath.join(directory, stem), {})[ext.lower()] = (member.offset_data, member.size)
+    return out
 
 
 def _scan_tar(path: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, strict: bool = True
@@ -119,7 +272,10 @@ def count_tar_samples(tar_uri: str, image_ext: str) -> int:
 
 
 def shard_count(tar_path: str) -> int:
-    """Number of images in a shard, from img2dataset's side files when present."""
+    """Number of images in a shard (a tar or a selection, see `list_shards`), from img2dataset's side files
+    when present."""
+    if is_selection(tar_path):
+        return selection_count(tar_path)
     files = sibling_files(tar_path)
     stats = files["stats"]
     if storage.exists(stats):
@@ -295,10 +451,24 @@ class ImageShardReader:
         return out
 
     # ------------------------------------------------------------------ reading
-    def _members(self, shard: int) -> list[tuple[str, int, int]]:
+    def _members(self, shard: int) -> list[tuple[str, str, int, int]]:
+        """(tar URI, member name, data offset, size) of the shard's images, in the shard's order."""
         members = self._index.get(shard)
+        if members is None and is_selection(self.shards[shard]):
+            # A selection: exactly its samples' image members, wherever they lie (no tar header is read).
+            members = []
+            for tar, key, parts in selection_members(self.shards[shard]):
+                ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+                if ext is None:
+                    raise ImageShardError(f"{self.shards[shard]}: sample {key} has no image member ({sorted(parts)})")
+                members.append((tar, f"{key}.{ext}", *parts[ext]))
+            if len(members) != self.counts[shard]:
+                raise ImageShardError(f"{self.shards[shard]}: {len(members)} samples, counted {int(self.counts[shard])}")
+            self._index[shard] = members
+            while len(self._index) > self.open_index:
+                self._index.popitem(last=False)
         if members is None:
-            members = _scan_tar(self.shards[shard], strict=False)
+            members = [(self.shards[shard], *m) for m in _scan_tar(self.shards[shard], strict=False)]
             if not members or len(members) > self.counts[shard]:
                 raise ImageShardError(f"{self.shards[shard]}: {len(members)} readable images in the tar, its stats "
                                       f"say {int(self.counts[shard])}")
@@ -315,12 +485,11 @@ class ImageShardReader:
 
     def load(self, epoch: int, position: int, shard: int, index: int) -> tuple[np.ndarray, str]:
         members = self._members(shard)
-        name, offset, size = members[index % len(members)]
-        with storage.open_input(self.shards[shard]) as handle:
-            handle.seek(offset)
-            data = handle.read(size)
+        tar, name, offset, size = members[index % len(members)]
+        with storage.open_input(tar) as handle:
+            data = handle.read_at(size, offset)
         rng = np.random.default_rng([self.seed, epoch, position])
-        source = f"{self.shards[shard]}:{name}"
+        source = f"{tar}:{name}"
         return decode_and_crop(data, self.image_size, self.crop_size, rng, source), name.rsplit(".", 1)[0]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
