@@ -15,6 +15,7 @@ from pipelines.phase import run_cli
 COMMANDS = {
     "filter": ("pipelines.filter", "LAION metadata -> an aesthetic, safe, de-duplicated set + funnel"),
     "download": ("pipelines.download", "image shards with img2dataset (address guard, counted failures)"),
+    "dedup_images": ("pipelines.dedup_images", "which downloaded images are copies of others (precompute's exclude)"),
     "encoders": ("pipelines.encoders", "the frozen text encoder and Semantic Compressor as checkpoints"),
     "precompute": ("pipelines.precompute", "text embeddings and image latents, once, into shards"),
     "train": ("pipelines.train", "train Stage A, B or C with DeepSpeed under Ray Train"),

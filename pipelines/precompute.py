@@ -12,7 +12,8 @@ Data flow (Ray Data, streaming; nothing is materialised whole):
 
 0. the encoders are probed once (output shapes, the empty caption's embedding), on a GPU when the
    actors use GPUs, else in the driver;
-1. one task per input shard ``NNNNN.tar`` reads the tar sequentially, groups members by webdataset
+1. one task per input shard ``NNNNN.tar`` reads the tar sequentially (a shard with a selection,
+   ``NNNNN_selection.parquet``: range reads of exactly its selected samples), groups members by webdataset
    key, decodes each image with PIL on CPU (grayscale / CMYK / palette / alpha converted to RGB and
    counted; undecodable images skipped with a named reason), center-crops and resizes it to the
    largest configured resolution, and emits *chunks* of ``batch_size`` consecutive input samples;
@@ -55,7 +56,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from pipelines import config as config_lib
-from pipelines import latent_shards
+from pipelines import image_shards, latent_shards
 from pipelines import manifest as manifest_lib
 from pipelines import storage, tracking
 from pipelines.config import ConfigError, param
@@ -113,6 +114,9 @@ class PrecomputeConfig:
     # nearest its aspect ratio, is center-cropped to it and written at its shapes (<bucket>/shard-NNNNN.parquet;
     # the semantic input scaled by semantic_resolution / stage_a_resolution). null: one square size.
     buckets: Optional[list[list[int]]] = None
+    # A finished `dedup_images` output of this input: the samples it names as copies of others are left out
+    # (counted as skipped: duplicate_image). null: every sample.
+    exclude: Optional[str] = None
     # Rows per parquet row group: the reader's unit of reading and of block shuffling.
     row_group_size: int = param(256, ge=1)
     # Share of the samples held out as the validation split, chosen by a hash of the uid (see
@@ -202,7 +206,7 @@ class PrecomputeConfig:
 
 # Settings that do not change the output. Encoder paths are replaced by their content hashes.
 VERSION_EXCLUDE = ("input", "output", "data_root", "ray", "mlflow", "batch_size", "actors", "cpus_per_actor",
-                   "device", "encoders")
+                   "device", "encoders", "exclude")
 
 
 def require_input(cfg: PrecomputeConfig) -> str:
@@ -228,6 +232,8 @@ def version_tree(cfg: PrecomputeConfig) -> dict:
     if not tree.get("validation_fraction"):
         # No split: the output is the same as before the split existed, so it keeps that version.
         tree.pop("validation_fraction", None)
+    if cfg.exclude:  # the de-dup output's version (its input and rule), not its path
+        tree["exclude_version"] = storage.basename(cfg.exclude)
     tree["encoder_sha256"] = {name: src for name, src in
                               ((n, {k: v for k, v in s.items()
                                     if k.endswith("sha256") or k in ("open_clip_model", "states_version")})
@@ -236,7 +242,9 @@ def version_tree(cfg: PrecomputeConfig) -> dict:
 
 
 def shard_name(tar_uri: str) -> str:
-    return f"shard-{storage.basename(tar_uri)[:-len('.tar')]}"
+    """``shard-NNNNN`` of an input shard source (its tar, or its selection in a version that reuses earlier
+    downloads: `image_shards.list_shards`)."""
+    return f"shard-{image_shards.source_name(tar_uri)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +302,8 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
     chunk_bytes = cfg.batch_size * max(largest, 1) * 3 * (len(buckets) if buckets else 1)
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=4 * chunk_bytes + (768 << 20),
                         fn_kwargs={"chunk_size": cfg.batch_size, "size": spec["decode_resolution"],
-                                   "max_image_pixels": cfg.max_image_pixels, "buckets": buckets or None})
+                                   "max_image_pixels": cfg.max_image_pixels, "buckets": buckets or None,
+                                   "exclude": storage.normalize(cfg.exclude) if cfg.exclude else None})
     ds = ds.map_batches(ChunkEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if use_gpu else 0,
                         num_cpus=cfg.cpus_per_actor,
@@ -367,7 +376,12 @@ class PrecomputePhase(Phase):
     version_exclude = ()
 
     def input_uri(self, cfg: PrecomputeConfig) -> str:
-        return require_input(cfg)
+        uri = require_input(cfg)
+        if cfg.exclude:
+            from pipelines import dedup_images
+
+            dedup_images.check_exclude(cfg.exclude, uri)
+        return uri
 
     def version_config(self, cfg: PrecomputeConfig) -> dict:
         return version_tree(cfg)
@@ -377,9 +391,11 @@ class PrecomputePhase(Phase):
 
     def prepare(self, ctx: Context) -> None:
         cfg, out_dir = ctx.cfg, ctx.output
-        tars = storage.list_files(ctx.input_uri, suffix=".tar")
-        if not tars:
-            raise PrecomputeError(f"{ctx.input_uri}: no .tar shards (expected img2dataset webdataset output NNNNN.tar)")
+        try:  # per shard its selection where it has one (a version reusing earlier downloads), else its tar
+            tars = image_shards.list_shards(ctx.input_uri)
+        except image_shards.ImageShardError:
+            raise PrecomputeError(f"{ctx.input_uri}: no .tar shards (expected img2dataset webdataset output "
+                                  f"NNNNN.tar)") from None
         names = [shard_name(t) for t in tars]
         storage.makedirs(out_dir)
         finished = _finished_shards(cfg, out_dir)

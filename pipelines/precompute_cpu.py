@@ -19,9 +19,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from pipelines import image_shards, latent_shards, storage
-from pipelines.image_shards import IMAGE_EXTENSIONS, iter_tar_samples
+from pipelines.image_shards import IMAGE_EXTENSIONS
 from pipelines.phase import InputError
 
+# The skip reason of a sample a dedup_images output names as a copy of another (precompute's `exclude`).
+DUPLICATE_IMAGE = "duplicate_image"
 # A shard's chunk parts while it is being computed: <output>/_parts/<shard>/chunk-NNNNNN.parquet.
 PARTS_DIR = "_parts"
 SHARD_STATS_DIR = "shards"  # bucketed datasets: shards/<shard>.json per finished shard
@@ -125,10 +127,10 @@ def _failure_reason(exc: BaseException) -> str:
     return "decode_error"
 
 
-def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels: int
-                 ) -> tuple[dict, Optional[np.ndarray]]:
+def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels: int,
+                 excluded: Optional[dict[str, str]] = None) -> tuple[dict, Optional[np.ndarray]]:
     """One tar sample -> (record, pixels or None). record has uid/caption (and `bucket` when `size` is a
-    list of bucket sizes), or reason/detail if skipped."""
+    list of bucket sizes), or reason/detail if skipped (`excluded`: uid -> the uid it is a copy of)."""
     record: dict[str, Any] = {"key": key}
     lost = image_shards.truncated_detail(parts)
     if lost is not None:  # a sample the shard's truncated tar lost (image_shards.iter_tar_samples)
@@ -143,6 +145,8 @@ def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels
     if not isinstance(uid, str) or not uid:
         return {**record, "reason": "missing_uid", "detail": f"{key}.json has no string 'uid'"}, None
     record["uid"] = uid
+    if excluded and uid in excluded:  # before decoding: a copy costs no decode
+        return {**record, "reason": DUPLICATE_IMAGE, "detail": f"a copy of {excluded[uid]}"}, None
     caption = meta.get("caption")
     if not isinstance(caption, str):
         caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
@@ -167,13 +171,14 @@ def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels
 
 
 def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, max_image_pixels: int,
-                 buckets: list | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 buckets: list | None = None, exclude: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF (one input shard per call) yielding one row per chunk: `meta` (JSON: keys/uids/captions
     of decodable samples, skipped samples with reasons, conversions, the bucket) and `pixels` (n x h x w x 3
     uint8 bytes). Unbucketed: a chunk is `chunk_size` consecutive input samples at size x size. With
     `buckets` ([h, w] decode sizes): each image goes to its bucket (`decode_bucketed`) and a chunk is up to
     `chunk_size` decoded samples of one bucket, in input order within it; skipped samples ride with the
-    next chunk. The last chunk has is_last=True."""
+    next chunk. The last chunk has is_last=True. `exclude`: a dedup_images output; this shard's copies it
+    names are skipped as DUPLICATE_IMAGE."""
     from PIL import Image
 
     # PIL itself only refuses above 2x its limit; decode_image enforces the limit exactly.
@@ -193,7 +198,12 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
         return {"shard": np.array([name]), "chunk": np.array([index]), "is_last": np.array([last]),
                 "meta": np.array([json.dumps(meta)]), "pixels": np.array([blob], dtype=object)}
 
-    samples = iter_tar_samples(str(tar_uri))
+    excluded = None
+    if exclude:
+        from pipelines import dedup_images
+
+        excluded = dedup_images.excluded_uids(exclude, image_shards.source_name(str(tar_uri)))
+    samples = image_shards.iter_shard_samples(str(tar_uri))  # a tar, or a selection's samples only
     if buckets is None:
         records: list[dict] = []
         pixels: list[np.ndarray] = []
@@ -202,7 +212,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
             if len(records) == chunk_size:
                 yield chunk_row(index, records, pixels, False)
                 records, pixels, index = [], [], index + 1
-            record, image = _read_sample(key, parts, size, max_image_pixels)
+            record, image = _read_sample(key, parts, size, max_image_pixels, excluded)
             records.append(record)
             if image is not None:
                 pixels.append(image)
@@ -214,7 +224,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
     skipped: list[dict] = []  # skipped samples not yet in a chunk
     index = 0
     for key, parts in samples:
-        record, image = _read_sample(key, parts, sizes if size else 0, max_image_pixels)
+        record, image = _read_sample(key, parts, sizes if size else 0, max_image_pixels, excluded)
         if "reason" in record:
             skipped.append(record)
             continue
