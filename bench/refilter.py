@@ -1,13 +1,16 @@
 """Re-filtering: what a download of a new filter version costs with reuse, against the first run and against
 the same download without reuse (`reuse: false`, the behaviour before issue 19), in one process.
 
-    python bench/refilter.py [--rows 240] [--gone 0.1] [--shard-size 40]
+    python bench/refilter.py [--rows 240] [--gone 0.1] [--shard-size 40] [--precompute]
 
 LAION-like rows (a uid, a URL, a caption, an aesthetic score spread over 3..7; a share `--gone` of the URLs
 answer 404) are filtered at three thresholds: the first run (aesthetic >= 4.5), a tighter (>= 5.5) and a
 looser (>= 4.0) one. Each filter version is downloaded once under an images root holding the first run's
 version (reuse on), and once under a fresh root of its own (reuse off). A loopback server (127.0.0.1 only)
 counts requests and the bytes of the bodies it sent; seconds are the phase's wall time (Ray already up).
+--precompute: each download version is then precomputed (tiny text encoder and Stage A on CPU: the encoders
+are cheap here, so the seconds understate what reuse saves on real encoders) into a latents root holding the
+earlier versions' latents (reuse on) and into one of its own (reuse off); samples encoded and seconds.
 """
 
 from __future__ import annotations
@@ -116,7 +119,24 @@ def download(server: Server, input_dir: str, images: str, shard_size: int, reuse
     after_requests, after_bytes = server.counts()
     return {"requests": after_requests - requests, "bytes": after_bytes - sent, "seconds": seconds,
             "rows": result.counts["input_rows"], "samples": result.counts["samples"],
-            "reused": result.details["reuse"]["reused"], "fetched": result.details["reuse"]["fetched_rows"]}
+            "reused": result.details["reuse"]["reused"], "fetched": result.details["reuse"]["fetched_rows"],
+            "output": result.output}
+
+
+def precompute(images: str, latents: str, checkpoints: str, reuse: bool) -> dict:
+    from pipelines import config as config_lib
+    from pipelines import precompute as precompute_phase
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_lib.load(precompute_phase.PrecomputeConfig, os.path.join(repo, "configs", "precompute-tiny.yaml"), [
+        f"input={images}", f"output={latents}", f"data_root={os.path.dirname(latents)}",
+        f"encoders.text={checkpoints}/text", f"encoders.stage_a={checkpoints}/stage_a", "outputs=[text, stage_a]",
+        "stage_a_resolution=64", "batch_size=16", f"reuse={'true' if reuse else 'false'}",
+        "mlflow.system_metrics=false"])
+    started = time.perf_counter()
+    result = precompute_phase.run(cfg)
+    return {"seconds": time.perf_counter() - started, "written": result.counts["written"],
+            "encoded": result.counts["encoded"], "reused": result.counts["reused"]}
 
 
 def main() -> None:
@@ -124,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=240)
     parser.add_argument("--gone", type=float, default=0.1)
     parser.add_argument("--shard-size", type=int, default=40)
+    parser.add_argument("--precompute", action="store_true")
     args = parser.parse_args()
 
     import img2dataset.downloader  # noqa: F401 - imported before any timing
@@ -137,13 +158,29 @@ def main() -> None:
         rows = laion_rows(args.rows, args.gone, server.port)
         filtered = os.path.join(work, "filtered")
         shared = os.path.join(work, "shared", "images")
-        results = []
+        results, latents = [], []
+        checkpoints = os.path.join(work, "checkpoints")
+        if args.precompute:
+            import torch
+
+            import stages
+            from stages.stage_a import StageA, StageAConfig
+            from stages.text import TextEncoder, TextEncoderConfig
+
+            torch.manual_seed(0)
+            stages.save(TextEncoder(TextEncoderConfig.tiny()), os.path.join(checkpoints, "text"))
+            stages.save(StageA(StageAConfig.tiny()), os.path.join(checkpoints, "stage_a"))
         for label, threshold in (("first run", 4.5), ("tighter", 5.5), ("looser", 4.0)):
             input_dir, n = filter_version(filtered, rows, threshold)
             with_reuse = download(server, input_dir, shared, args.shard_size, reuse=True)
-            alone = download(server, input_dir, os.path.join(work, f"alone-{threshold}", "images"), args.shard_size,
-                             reuse=False)
+            alone_images = os.path.join(work, f"alone-{threshold}", "images")
+            alone = download(server, input_dir, alone_images, args.shard_size, reuse=False)
             results.append((label, threshold, with_reuse, alone))
+            if args.precompute:
+                latents.append((label, precompute(with_reuse["output"], os.path.join(work, "shared", "latents"),
+                                                  checkpoints, reuse=True),
+                                precompute(alone["output"], os.path.join(work, f"alone-{threshold}", "latents"),
+                                           checkpoints, reuse=False)))
         first = results[0][2]
         print(f"{args.rows} rows, {args.gone:.0%} of URLs 404, shard size {args.shard_size}; loopback server")
         print(f"{'run':<10} {'aesth':>5} {'rows':>5} {'reused':>6} | {'requests':>8} {'KB':>7} {'s':>6} | "
@@ -152,6 +189,12 @@ def main() -> None:
             print(f"{label:<10} {threshold:>5} {r['rows']:>5} {r['reused']:>6} | {r['requests']:>8} "
                   f"{r['bytes'] / 1024:>7.0f} {r['seconds']:>6.2f} | {'':>15}{a['requests']:>8} "
                   f"{a['bytes'] / 1024:>7.0f} {a['seconds']:>6.2f} | {r['requests'] / first['requests']:.2f}")
+        if latents:
+            print(f"\nprecompute (tiny encoders, CPU): {'run':<10} {'written':>7} {'encoded':>7} {'reused':>6} {'s':>6} | "
+                  f"without reuse: {'encoded':>7} {'s':>6}")
+            for label, r, a in latents:
+                print(f"{'':<32} {label:<10} {r['written']:>7} {r['encoded']:>7} {r['reused']:>6} {r['seconds']:>6.2f} | "
+                      f"{'':>15}{a['encoded']:>7} {a['seconds']:>6.2f}")
     finally:
         server.httpd.shutdown()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,6 @@
 """`python -m pipelines.precompute`: text embeddings and image latents, computed once into shards.
 
-Longer than 500 lines: (~540) the config with its bucket checks, the version and the driver, whose
+Longer than 500 lines: (~580) the config with its bucket checks, the version and the driver, whose
 manifest building has a square and a bucketed layout; the tasks and actors live in their own modules.
 
 CLIP text states, Semantic-Compressor latents and Stage A latents are computed once from a
@@ -22,7 +22,9 @@ Data flow (Ray Data, streaming; nothing is materialised whole):
 3. a task splits each encoded chunk by uid (validation split: `latent_shards.is_validation` at
    ``validation_fraction``) and writes each split as a part file; when all chunks of a shard are in,
    the driver starts a task that concatenates them in order into ``val/shard-NNNNN.parquet`` and
-   ``shard-NNNNN.parquet`` (temp name + rename).
+   ``shard-NNNNN.parquet`` (temp name + rename). Samples that an earlier version with the same settings
+   and encoders holds are not decoded in 1 nor encoded in 2: that task copies their rows
+   (`pipelines.latent_reuse`; counted as ``reused`` of ``written``).
 
 Output ``<output root>/<version>/``: ``shard-NNNNN.parquet`` per input ``NNNNN.tar`` with columns
 ``key``, ``uid``, ``caption`` and float16 tensor columns stored as flat fixed-size lists
@@ -56,9 +58,9 @@ from collections import Counter
 from typing import Any, Optional
 
 from pipelines import config as config_lib
-from pipelines import image_shards, latent_shards
+from pipelines import image_shards, latent_reuse, latent_shards
 from pipelines import manifest as manifest_lib
-from pipelines import storage, tracking
+from pipelines import reports, storage, tracking
 from pipelines.config import ConfigError, param
 from pipelines.phase import Context, Outcome, Phase, PhaseResult, module_cli
 from pipelines.precompute_cpu import (PARTS_DIR, SHARD_STATS_DIR, PrecomputeError, decode_shard, finalize_shard,
@@ -117,6 +119,9 @@ class PrecomputeConfig:
     # A finished `dedup_images` output of this input: the samples it names as copies of others are left out
     # (counted as skipped: duplicate_image). null: every sample.
     exclude: Optional[str] = None
+    # Copy the latents of samples that an earlier version under the same output root with the same settings
+    # and encoders holds, instead of encoding them again (`pipelines.latent_reuse`; not part of the version).
+    reuse: bool = True
     # Rows per parquet row group: the reader's unit of reading and of block shuffling.
     row_group_size: int = param(256, ge=1)
     # Share of the samples held out as the validation split, chosen by a hash of the uid (see
@@ -206,7 +211,7 @@ class PrecomputeConfig:
 
 # Settings that do not change the output. Encoder paths are replaced by their content hashes.
 VERSION_EXCLUDE = ("input", "output", "data_root", "ray", "mlflow", "batch_size", "actors", "cpus_per_actor",
-                   "device", "encoders", "exclude")
+                   "device", "encoders", "exclude", "reuse")
 
 
 def require_input(cfg: PrecomputeConfig) -> str:
@@ -291,7 +296,8 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
     cfg, out_dir = ctx.cfg, ctx.output
     use_gpu = spec["use_gpu"]
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    items = [{"shard": name, "tar": tar} for name, tar in todo]
+    reuse_files = ctx.state.get("reuse_files") or {}
+    items = [{"shard": name, "tar": tar, "reuse": reuse_files.get(name, "")} for name, tar in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # The memory reservation covers the decoded chunks a task holds; it also keeps Ray Data from fusing
     # decoding into the encoder actors (fusion needs identical remote args), which would serialise
@@ -335,7 +341,8 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
             if name in last_chunk and len(chunks[name]) == last_chunk[name] + 1:
                 ordered = [chunks[name][i] for i in range(last_chunk[name] + 1)]
                 in_flight[name] = finalize.remote(out_dir, name, sources[name], ordered, shapes, cfg.row_group_size,
-                                                  bucket_names(cfg), bucket_shapes if cfg.buckets else None)
+                                                  bucket_names(cfg), bucket_shapes if cfg.buckets else None,
+                                                  reuse_files.get(name))
             ready, _ = ray.wait(list(in_flight.values()), num_returns=len(in_flight), timeout=0) \
                 if in_flight else ([], [])
             for finished in [n for n, ref in in_flight.items() if ref in ready]:
@@ -365,6 +372,16 @@ def _encode_shards(ctx: Context, todo: list[tuple[str, str]], spec: dict, actors
         timings["steady_samples_per_s"] = (done["samples"] - first_chunk[1]) / (finished_at - first_chunk[0])
     ctx.log_metrics({k: v for k, v in timings.items() if k != "samples"}, step=done["samples"])
     return timings
+
+
+SKIPPED_EXAMPLES = 5  # per reason, in the report
+
+
+def _keep_examples(examples: dict[str, list[dict]], stats: dict) -> None:
+    for key, uid, reason, detail in stats.get("skipped_samples", []):
+        kept = examples.setdefault(reason, [])
+        if len(kept) < SKIPPED_EXAMPLES:
+            kept.append({"key": key, "uid": uid, "detail": config_lib.redact_text(str(detail))[:200]})
 
 
 class PrecomputePhase(Phase):
@@ -405,8 +422,17 @@ class PrecomputePhase(Phase):
                 if storage.exists(stale):
                     storage.delete(stale)
         use_gpu, actors = _resources(cfg, ctx.ray)
+        key = latent_reuse.reuse_key(version_tree(cfg))
+        pool, reuse_files = [], {}
+        if cfg.reuse:
+            pool = latent_reuse.find_pool(storage.parent(out_dir), storage.basename(out_dir), key)
+            if pool and todo:
+                reuse_files = latent_reuse.plan(out_dir, todo, latent_reuse.pool_index(pool))
+                log.info("precompute: latents of %s reused where they hold a sample (%d of %d shards)",
+                         ", ".join(storage.basename(d) for d in pool), len(reuse_files), len(todo))
         ctx.state.update(tars=tars, names=names, todo=todo, use_gpu=use_gpu, actors=actors,
-                         spec=encoder_spec(cfg, use_gpu), sources=encoder_sources(cfg))
+                         spec=encoder_spec(cfg, use_gpu), sources=encoder_sources(cfg), reuse_key=key,
+                         reuse_pool=pool, reuse_files=reuse_files)
 
     def execute(self, ctx: Context) -> Outcome:
         cfg, out_dir, state = ctx.cfg, ctx.output, ctx.state
@@ -425,6 +451,8 @@ class PrecomputePhase(Phase):
         log.info("precompute: %d of %d shards to do -> %s (%d %s actors)", len(todo), len(tars), out_dir, actors,
                  "GPU" if use_gpu else "CPU")
         timings = _encode_shards(ctx, todo, spec, actors, shapes, bucket_shapes) if todo else {}
+        if storage.exists(storage.join(out_dir, latent_reuse.REUSE_DIR)):
+            storage.delete(storage.join(out_dir, latent_reuse.REUSE_DIR))
 
         if cfg.buckets:
             return self._bucketed_outcome(ctx, shapes, bucket_shapes, extra, timings)
@@ -444,8 +472,10 @@ class PrecomputePhase(Phase):
                     raise PrecomputeError(f"{out_dir}/{file}: {validation_rows} rows, {name}.parquet's footer says "
                                           f"{held_out} validation samples")
                 validation_entries.append({"file": file, "rows": held_out, "source": storage.basename(tar)})
-            totals.update(input_samples=stats["input_samples"], train=rows, validation=held_out)
+            totals.update(input_samples=stats["input_samples"], train=rows, validation=held_out,
+                          reused=stats.get("reused", 0))
             skipped_by_reason.update(stats["skipped_by_reason"])
+            _keep_examples(ctx.state.setdefault("skipped_examples", {}), stats)
             converted_by_mode.update(stats["converted_by_mode"])
         columns = {name: latent_shards.column_spec(name, shape) for name, shape in shapes.items()}
         extra.update({"columns": columns, "shards": shard_entries,
@@ -467,8 +497,9 @@ class PrecomputePhase(Phase):
         for name, tar in zip(state["names"], state["tars"]):
             stats = storage.read_json(shard_stats_file(out_dir, name))
             totals.update(input_samples=stats["input_samples"], train=stats["written"],
-                          validation=stats["validation_written"])
+                          validation=stats["validation_written"], reused=stats.get("reused", 0))
             skipped_by_reason.update(stats["skipped_by_reason"])
+            _keep_examples(ctx.state.setdefault("skipped_examples", {}), stats)
             converted_by_mode.update(stats["converted_by_mode"])
             for bucket in buckets:
                 counts = stats["buckets"].get(bucket["name"], {})
@@ -508,10 +539,13 @@ class PrecomputePhase(Phase):
                   "train": totals["train"], "validation": totals["validation"],
                   "skipped": skipped, "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
                   "converted": sum(converted_by_mode.values()),
-                  "converted_by_mode": dict(sorted(converted_by_mode.items()))}
+                  "converted_by_mode": dict(sorted(converted_by_mode.items())),
+                  # Of `written`: copied from earlier versions (reuse_pool) vs encoded by this one.
+                  "reused": totals["reused"], "encoded": written - totals["reused"]}
         if cfg.buckets:
             counts["train_by_bucket"] = {b["name"]: b["samples"] for b in extra["buckets"]}
-        extra.update({"string_columns": ["key", "uid", "caption"],
+        extra.update({"reuse_key": state["reuse_key"], "reuse_pool": [storage.basename(d) for d in state["reuse_pool"]],
+                      "string_columns": ["key", "uid", "caption"],
                       "row_group_size": cfg.row_group_size, "encoders": state["sources"],
                       "input_manifest_hash": manifest_lib.manifest_hash(ctx.input_uri),
                       # This invocation only: a resumed run computed `shards_computed` of the shards.
@@ -522,11 +556,16 @@ class PrecomputePhase(Phase):
         flat = {"input_samples": counts["input_samples"], "written": counts["written"],
                 "written.train": counts["train"], "written.validation": counts["validation"],
                 "skipped": counts["skipped"], "converted": counts["converted"], "shards": len(tars),
-                "shards_computed": len(todo)}
+                "shards_computed": len(todo), "reused": counts["reused"], "encoded": counts["encoded"]}
         flat.update({f"skipped.{k}": v for k, v in skipped_by_reason.items()})
         flat.update({f"converted.{k}": v for k, v in converted_by_mode.items()})
         flat.update({f"written.train.{k}": v for k, v in counts.get("train_by_bucket", {}).items()})
         ctx.log_metrics(flat)
+        # report/: written vs skipped by reason, with sampled skipped samples (key, uid, detail) per reason.
+        examples = ctx.state.get("skipped_examples", {})
+        ctx.log_files(reports.counts_report(out_dir, self.name, ctx.version, counts["skipped_by_reason"],
+                                            kept=written, samples={k: examples[k] for k in sorted(examples)}),
+                      reports.REPORT_DIR)
         return Outcome(counts=counts, extra=extra)
 
     def record(self, ctx: Context, manifest: dict) -> None:

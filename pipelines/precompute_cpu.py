@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from pipelines import image_shards, latent_shards, storage
+from pipelines import image_shards, latent_reuse, latent_shards, storage
 from pipelines.image_shards import IMAGE_EXTENSIONS
 from pipelines.phase import InputError
 
@@ -128,7 +128,8 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels: int,
-                 excluded: Optional[dict[str, str]] = None) -> tuple[dict, Optional[np.ndarray]]:
+                 excluded: Optional[dict[str, str]] = None, reused: Optional[set[str]] = None
+                 ) -> tuple[dict, Optional[np.ndarray]]:
     """One tar sample -> (record, pixels or None). record has uid/caption (and `bucket` when `size` is a
     list of bucket sizes), or reason/detail if skipped (`excluded`: uid -> the uid it is a copy of)."""
     record: dict[str, Any] = {"key": key}
@@ -147,6 +148,8 @@ def _read_sample(key: str, parts: dict[str, bytes], size: int | list, max_pixels
     record["uid"] = uid
     if excluded and uid in excluded:  # before decoding: a copy costs no decode
         return {**record, "reason": DUPLICATE_IMAGE, "detail": f"a copy of {excluded[uid]}"}, None
+    if reused and uid in reused:  # encoded by an earlier version: copied when the shard is finalized
+        return {**record, "reused": True}, None
     caption = meta.get("caption")
     if not isinstance(caption, str):
         caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
@@ -184,10 +187,12 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
     # PIL itself only refuses above 2x its limit; decode_image enforces the limit exactly.
     Image.MAX_IMAGE_PIXELS = max_image_pixels
     (name,), (tar_uri,) = batch["shard"], batch["tar"]
+    reused = latent_reuse.reused_uids(str(batch["reuse"][0])) if "reuse" in batch else set()
 
     def chunk_row(index: int, records: list[dict], pixels: list[np.ndarray], last: bool, bucket: int = 0) -> dict:
-        good = [r for r in records if "reason" not in r]
+        good = [r for r in records if "reason" not in r and not r.get("reused")]
         meta = {
+            "reused": [[r["key"], r["uid"]] for r in records if r.get("reused")],
             "input_samples": len(records), "bucket": bucket,
             "keys": [r["key"] for r in good], "uids": [r["uid"] for r in good],
             "captions": [r["caption"] for r in good],
@@ -212,7 +217,7 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
             if len(records) == chunk_size:
                 yield chunk_row(index, records, pixels, False)
                 records, pixels, index = [], [], index + 1
-            record, image = _read_sample(key, parts, size, max_image_pixels, excluded)
+            record, image = _read_sample(key, parts, size, max_image_pixels, excluded, reused)
             records.append(record)
             if image is not None:
                 pixels.append(image)
@@ -224,8 +229,8 @@ def decode_shard(batch: dict[str, np.ndarray], *, chunk_size: int, size: int, ma
     skipped: list[dict] = []  # skipped samples not yet in a chunk
     index = 0
     for key, parts in samples:
-        record, image = _read_sample(key, parts, sizes if size else 0, max_image_pixels, excluded)
-        if "reason" in record:
+        record, image = _read_sample(key, parts, sizes if size else 0, max_image_pixels, excluded, reused)
+        if "reason" in record or record.get("reused"):  # no bucket: rides with the next chunk
             skipped.append(record)
             continue
         bucket = int(record.pop("bucket", 0))
@@ -272,27 +277,41 @@ def write_chunk(batch: dict[str, np.ndarray], *, out_dir: str, shapes: dict[str,
         latent_shards.write_shard(chunk_file(out_dir, str(shard), int(chunk), "validation"),
                                   [table.filter(pa.array(held_out))], shapes, row_group_size)
     summary = {"written": train.num_rows, "validation_written": int(held_out.sum()), "bucket": bucket,
-               "input_samples": meta["input_samples"], "skipped": meta["skipped"], "converted": meta["converted"]}
+               "input_samples": meta["input_samples"], "skipped": meta["skipped"], "converted": meta["converted"],
+               "reused": meta.get("reused", [])}
     return {"shard": batch["shard"], "chunk": batch["chunk"], "is_last": batch["is_last"],
             "summary": np.array([json.dumps(summary)])}
 
 
 def finalize_shard(out_dir: str, shard: str, source: str, chunk_summaries: list[dict],
                    shapes: dict[str, list[int]], row_group_size: int, buckets: list[str] | None = None,
-                   bucket_shapes: list[dict[str, list[int]]] | None = None) -> dict:
+                   bucket_shapes: list[dict[str, list[int]]] | None = None, reuse_file: str | None = None) -> dict:
     """Concatenate a shard's chunk parts in order into `val/<shard>.parquet` (when the shard holds
     validation samples) and then `<shard>.parquet` (the training split, with the shard's counts in its
     footer): the training file comes last because its existence marks the shard done. With `buckets`
     (names, and `bucket_shapes`): per bucket that holds samples `<bucket>/val/<shard>.parquet` and
-    `<bucket>/<shard>.parquet`, then `shards/<shard>.json` (the counts, per bucket too), which marks it done."""
+    `<bucket>/<shard>.parquet`, then `shards/<shard>.json` (the counts, per bucket too), which marks it done.
+    `reuse_file`: the shard's samples another version encoded (`pipelines.latent_reuse`); their rows are copied
+    after the computed ones, into the split and bucket they were written to there."""
     import pyarrow.parquet as pq
 
     parts_dir = storage.join(out_dir, PARTS_DIR, shard)
+    reused = {uid: key for s in chunk_summaries for key, uid in s.get("reused", [])}
+    copied: dict = {}
+    if reused:
+        by_bucket = {name: bucket_shapes[i] for i, name in enumerate(buckets)} if buckets is not None else {"": shapes}
+        copied = latent_reuse.copied_rows(reuse_file, reused, by_bucket)
+        if sum(t.num_rows for t in copied.values()) != len(reused):
+            raise PrecomputeError(f"{source}: {len(reused)} samples to copy from earlier versions, found "
+                                  f"{sum(t.num_rows for t in copied.values())} in {reuse_file}")
+    copied_count = {split: sum(t.num_rows for (sp, _), t in copied.items() if sp == split)
+                    for split in ("train", "validation")}
     stats = {
         "source": source,
         "input_samples": sum(s["input_samples"] for s in chunk_summaries),
-        "written": sum(s["written"] for s in chunk_summaries),  # the training split
-        "validation_written": sum(s.get("validation_written", 0) for s in chunk_summaries),
+        "written": sum(s["written"] for s in chunk_summaries) + copied_count["train"],  # the training split
+        "validation_written": sum(s.get("validation_written", 0) for s in chunk_summaries) + copied_count["validation"],
+        "reused": len(reused),  # of written + validation_written: copied from earlier versions, not encoded
         "skipped_by_reason": dict(Counter(item[2] for s in chunk_summaries for item in s["skipped"])),
         "converted_by_mode": dict(sum((Counter(s["converted"]) for s in chunk_summaries), Counter())),
         "skipped_samples": [item for s in chunk_summaries for item in s["skipped"]],
@@ -312,6 +331,9 @@ def finalize_shard(out_dir: str, shard: str, source: str, chunk_summaries: list[
                 continue
             with storage.open_input(chunk_file(out_dir, shard, chunk, split)) as handle:
                 yield pq.read_table(handle)
+        extra = copied.get((split, buckets[bucket] if buckets is not None else ""))
+        if extra is not None:
+            yield extra
 
     def write(file: str, split: str, bucket: int, expected: int, shard_stats: dict, columns) -> None:
         rows = latent_shards.write_shard(storage.join(out_dir, file), tables(split, bucket), columns,
@@ -328,6 +350,7 @@ def finalize_shard(out_dir: str, shard: str, source: str, chunk_summaries: list[
         per_bucket = {}
         for index, name in enumerate(buckets):
             counts = {split: sum(s.get(field, 0) for s in chunk_summaries if int(s.get("bucket", 0)) == index)
+                      + (copied[(split, name)].num_rows if (split, name) in copied else 0)
                       for split, field in (("train", "written"), ("validation", "validation_written"))}
             per_bucket[name] = {"written": counts["train"], "validation_written": counts["validation"]}
             for split, file in (("validation", latent_shards.validation_file(f"{shard}.parquet")),

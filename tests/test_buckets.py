@@ -311,6 +311,33 @@ def test_precompute_buckets_end_to_end_and_resume(tmp_path, embedded_ray):
     assert again.manifest["counts"] == counts and again.manifest["buckets"] == manifest["buckets"]
     assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
 
+    # Another download version holding the same samples (a re-filter): every latent is copied into the bucket
+    # and split it was written to, none encoded; the corrupt image, in no earlier version, is decoded and skipped.
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(tmp_path / "images2")
+    for shard in range(2):
+        shutil.copy(tmp_path / "images" / f"{shard:05d}.tar", tmp_path / "images2" / f"{shard:05d}.tar")
+        uids = [f"uid-{shard:05d}{i:04d}" for i in range(9)]
+        pq.write_table(pa.table({"uid": uids, "status": ["success"] * 9}), tmp_path / "images2" / f"{shard:05d}.parquet")
+    with open(tmp_path / "images2" / "manifest.json", "w") as f:
+        json.dump({"phase": "download", "counts": {"succeeded": 18}, "filter_version": "looser"}, f)
+    argv2 = [a.replace(str(tmp_path / "images"), str(tmp_path / "images2")) for a in argv]
+    copied = precompute.main(argv2)
+    assert copied.version != result.version and copied.manifest["reuse_pool"] == [result.version]
+    c2 = copied.manifest["counts"]
+    assert c2["reused"] == 17 and c2["encoded"] == 0 and c2["skipped_by_reason"] == {"decode_error": 1}
+    assert {k: v for k, v in c2.items() if k not in ("reused", "encoded")} == \
+        {k: v for k, v in counts.items() if k not in ("reused", "encoded")}
+    for name, entry in buckets.items():
+        for split, files in (("train", entry["shards"]), ("validation", entry["validation"]["shards"])):
+            for e in files:
+                assert pq.read_table(os.path.join(copied.output, e["file"])).replace_schema_metadata(None).equals(
+                    pq.read_table(os.path.join(out, e["file"])).replace_schema_metadata(None)), e["file"]
+
     # Training reads it through one reader: every batch one bucket.
     stream = iter(open_reader(out, ["uid", "stage_a"], batch_size=3, seed=0, shuffle_window=8))
     for _ in range(12):

@@ -190,6 +190,11 @@ def test_precompute_end_to_end_resume_and_noop(setup):
     assert first.column("uid").to_pylist() == [f"uid-00000{i:04d}" for i in (0, 1, 2, 5)]
     skipped = json.loads(stats)["skipped_samples"]
     assert [(s[0], s[2]) for s in skipped] == [("000000003", "decode_error"), ("000000004", "decode_error")]
+    # The report: written vs skipped by reason, the skipped samples named.
+    pictures = json.load(open(os.path.join(out_dir, "report", "report.json")))
+    assert pictures["kept"] == total - 2 and pictures["dropped_by_reason"] == {"decode_error": 2}
+    assert [r["key"] for r in pictures["samples"]["decode_error"]] == ["000000003", "000000004"]
+    assert os.path.getsize(os.path.join(out_dir, "report", "reasons.png")) > 1000
 
     # Encoders really ran: the reader gets the embedding of each caption and distinct image latents.
     from stages import load

@@ -129,7 +129,7 @@ def version_samples(version_dir: str) -> dict[str, dict]:
     return out
 
 
-def precompute_over(images: str, tmp_path, data_root: str):
+def precompute_over(images: str, tmp_path, data_root: str, *extra: str):
     """The precompute phase (tiny text encoder and Stage A, CPU) over a download version."""
     import torch
 
@@ -140,13 +140,25 @@ def precompute_over(images: str, tmp_path, data_root: str):
 
     torch.manual_seed(0)
     checkpoints = tmp_path / "checkpoints"
-    stages.save(TextEncoder(TextEncoderConfig.tiny()), checkpoints / "text")
-    stages.save(StageA(StageAConfig.tiny()), checkpoints / "stage_a")
+    if not checkpoints.exists():  # written once: the encoders' hashes are part of what a reuse must match
+        stages.save(TextEncoder(TextEncoderConfig.tiny()), checkpoints / "text")
+        stages.save(StageA(StageAConfig.tiny()), checkpoints / "stage_a")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = config_lib.load(precompute.PrecomputeConfig, os.path.join(repo, "configs", "precompute-tiny.yaml"), [
         f"input={images}", f"encoders.text={checkpoints / 'text'}", f"encoders.stage_a={checkpoints / 'stage_a'}",
-        "outputs=[text, stage_a]", "validation_fraction=0", f"data_root={data_root}", "mlflow.system_metrics=false"])
+        "outputs=[text, stage_a]", "validation_fraction=0.3", f"data_root={data_root}", "mlflow.system_metrics=false",
+        *extra])
     return precompute.run(cfg)
+
+
+def latent_rows(result) -> pa.Table:
+    """Every row of a precompute version (training and validation files), with its split."""
+    tables = []
+    for split, entries in (("train", result.manifest["shards"]), ("validation", result.manifest["validation"]["shards"])):
+        for e in entries:
+            table = pq.read_table(os.path.join(result.output, e["file"])).replace_schema_metadata(None)
+            tables.append(table.append_column("split", pa.array([split] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
 
 
 def selection_rows(version_dir: str) -> list[dict]:
@@ -264,11 +276,37 @@ def test_refilter_fetches_only_the_difference(tmp_path, server, embedded_ray):
     # The precompute phase over the tight version: its latents are exactly the selected samples.
     latents = precompute_over(second.output, tmp_path, data_root)
     assert latents.manifest["counts"]["input_samples"] == len(good) == latents.manifest["counts"]["written"]
-    written = pa.concat_tables(pq.read_table(os.path.join(latents.output, e["file"]), columns=["uid", "caption"])
-                               for e in latents.manifest["shards"])
+    written = latent_rows(latents)
     assert sorted(written.column("uid").to_pylist()) == sorted(good)
     assert all(c == samples[u]["caption"] for u, c in zip(written.column("uid").to_pylist(),
                                                          written.column("caption").to_pylist()))
+
+    assert latents.manifest["counts"]["reused"] == 0 and latents.manifest["reuse_pool"] == []
+
+    # The loose version's latents: the tight version's samples copied (same split, the new version's keys), only
+    # the new samples encoded; a run with reuse off encodes them all, to the same latents of the same split.
+    loose_latents = precompute_over(third.output, tmp_path, data_root)
+    counts = loose_latents.manifest["counts"]
+    assert loose_latents.manifest["reuse_pool"] == [latents.version]
+    assert counts["reused"] == len(good) and counts["encoded"] == len(loose_good) - len(good)
+    assert counts["written"] == len(loose_good) and counts["skipped"] == 0
+    loose_rows, tight_rows = latent_rows(loose_latents), latent_rows(latents)
+    assert sorted(loose_rows.column("uid").to_pylist()) == sorted(loose_good)
+    by_uid = {r["uid"]: r for r in tight_rows.to_pylist()}
+    loose_keys = {r["uid"]: r["key"] for r in selection_rows(third.output) if r["status"] == "success"}
+    for row in loose_rows.to_pylist():
+        assert row["key"] == loose_keys[row["uid"]]
+        if row["uid"] in by_uid:  # copied byte for byte, in the split it had
+            assert {k: v for k, v in row.items() if k != "key"} == \
+                {k: v for k, v in by_uid[row["uid"]].items() if k != "key"}
+    fresh = latent_rows(precompute_over(third.output, tmp_path, str(tmp_path / "fresh"), "reuse=false"))
+    assert fresh.num_rows == loose_rows.num_rows
+    fresh_by_uid = {r["uid"]: r for r in fresh.to_pylist()}
+    for row in loose_rows.to_pylist():
+        other = fresh_by_uid[row["uid"]]
+        assert row["split"] == other["split"] and row["caption"] == other["caption"]
+        for column in ("text_emb", "stage_a"):
+            assert np.allclose(np.asarray(row[column], np.float32), np.asarray(other[column], np.float32), atol=2e-3)
 
     # Stage A's image-shard reader over the tight version: one epoch is exactly its samples.
     reader = image_shards.ImageShardReader(second.output, seed=3, batch_size=1, image_size=16, crop_size=16,
