@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 
 from pipelines import manifest as manifest_lib
 from pipelines import config as config_lib
-from pipelines import netguard, storage, tracking
+from pipelines import image_shards, netguard, reports, storage, tracking
 from pipelines.config import ConfigError, param
 # download_task first: it sets the environment img2dataset's imports need, in the driver and in workers.
 from pipelines.download_task import (DownloadInputError, ShardPlan, ShardSettings, failure_reason, read_slice,
@@ -698,11 +698,61 @@ class DownloadPhase(Phase):
                         "version completes (max_failed_shard_fraction=%g); rerun to retry them", len(failed),
                         len(plans), cfg.max_shard_retries, ", ".join(sorted(failed)),
                         report["failures"].get(SHARD_FAILED, 0), SHARD_FAILED, cfg.max_failed_shard_fraction)
+        ctx.log_files(picture_report(out, ctx.version, report), reports.REPORT_DIR)
         counts = {"input_rows": report["input_rows"], "samples": report["succeeded"], "failed": report["failed"],
                   "shards": len(plans), "fetched_rows": report["reuse"]["fetched_rows"],
                   "reused": report["reuse"]["reused"], "reused_samples": report["reuse"]["reused_samples"]}
         return Outcome(counts=counts, extra=manifest_extra(cfg, ctx.state["columns"], plans, report, ctx.state["pool"]),
                        details=report)
+
+
+REPORT_SHARDS = 8  # shards whose rows the picture report samples (failed URLs, thumbnails)
+REPORT_ROWS = 5  # failed URLs shown per reason
+
+
+def picture_report(out: str, version: str, report: dict) -> dict:
+    """`report/`: downloaded vs failed by reason (chart), failed URLs per reason (redacted), a thumbnail grid of
+    downloaded samples with their captions; from the first REPORT_SHARDS shards' side files."""
+    failed_rows: dict[str, list[dict]] = {}
+    thumbnails: list[tuple[bytes, str]] = []
+    try:
+        sources = image_shards.list_shards(out)[:REPORT_SHARDS]
+    except image_shards.ImageShardError:
+        sources = []
+    for source in sources:
+        name = image_shards.source_name(source)
+        files = shard_files(out, name)
+        if image_shards.is_selection(source):
+            with storage.open_input(source) as handle:
+                rows = pq.read_table(handle, columns=["uid", "status", "reason"]).filter(
+                    pc.not_equal(pc.field("status"), "success")).to_pylist()
+            urls = {}
+            if storage.exists(files["parquet"]):  # the URLs of the rows this version fetched
+                with storage.open_input(files["parquet"]) as handle:
+                    urls = dict(zip(*pq.read_table(handle, columns=["uid", "url"]).to_pydict().values()))
+            entries = [(r["reason"], urls.get(r["uid"], f"(reused failure, uid {r['uid']})"), None) for r in rows]
+        elif storage.exists(files["parquet"]):
+            with storage.open_input(files["parquet"]) as handle:
+                table = pq.read_table(handle, columns=["url", "status", "error_message"])
+            rows = table.filter(pc.not_equal(table.column("status"), "success")).to_pylist()
+            entries = [(failure_reason(r["status"], r["error_message"]), r["url"], r["error_message"]) for r in rows]
+        else:
+            entries = []
+        for reason, url, message in entries:
+            kept = failed_rows.setdefault(reason, [])
+            if len(kept) < REPORT_ROWS:
+                row = {"url": config_lib.redact_text(str(url))[:200]}
+                if message:
+                    row["error"] = config_lib.redact_text(str(message))[:200]
+                kept.append(row)
+        for _, parts in image_shards.iter_shard_samples(source):
+            if len(thumbnails) >= 24:
+                break
+            ext = next((e for e in image_shards.IMAGE_EXTENSIONS if e in parts), None)
+            if ext:
+                thumbnails.append((parts[ext], parts.get("txt", b"").decode("utf-8", "replace")[:40]))
+    return reports.counts_report(out, PHASE_NAME, version, report["failures"], kept=report["succeeded"],
+                                 samples={k: failed_rows[k] for k in sorted(failed_rows)}, thumbnails=thumbnails)
 
 
 PHASE = DownloadPhase()

@@ -355,8 +355,16 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
     assert result.output == out and not result.skipped and result.counts["samples"] == 12
     assert sorted(os.listdir(out)) == sorted(
         [f"{i:05d}{ext}" for i in range(3) for ext in (".tar", ".parquet", "_stats.json")]
-        + ["config.yaml", "manifest.json", "report.json"])
+        + ["config.yaml", "manifest.json", "report.json", "report"])
     assert storage.read_json(os.path.join(out, "report.json")) == report
+    # The picture report: downloaded vs failed by reason, the failed URLs of each reason, thumbnails.
+    pictures = storage.read_json(os.path.join(out, "report", "report.json"))
+    assert pictures["kept"] == 12 and pictures["dropped_by_reason"] == expected_failures
+    for reason, group in faults.items():
+        shown = [r["url"] for r in pictures["samples"][reason]]
+        assert shown and all(u in group for u in shown), reason
+    assert sorted(os.listdir(os.path.join(out, "report"))) == ["reasons.png", "report.html", "report.json",
+                                                               "thumbnails.png"]
     samples = read_samples(out)
     by_uid = {s["meta"]["uid"]: s for s in samples}
     inputs = pa.concat_tables(pq.read_table(f) for f in storage.list_files(input_dir, suffix=".parquet")).to_pylist()
@@ -377,6 +385,10 @@ def test_phase_counts_every_fault_exactly(tmp_path, servers, embedded_ray):
     assert run.data.metrics["succeeded"] == 12 and run.data.metrics["failures.blocked_address"] == 2
     assert run.data.metrics["progress.shards_done"] == 3
     assert manifest.read(out)["mlflow_run_id"] == run.info.run_id
+    import mlflow
+
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "report")}
+    assert {"report/reasons.png", "report/report.html"} <= artifacts
 
     # A rerun of a completed version is a no-op.
     hits = main.total_hits()
