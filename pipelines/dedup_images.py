@@ -53,6 +53,9 @@ class DedupImagesConfig:
     keep: list[str] = param(default_factory=lambda: ["aesthetic", "pixels"], choices=["aesthetic", "pixels"])
     num_buckets: int = param(8, ge=1, le=100_000)
     report_pairs: int = param(12, ge=0, le=200)
+    # Copy the hashes of samples an earlier dedup_images output (of a download with the same sample settings,
+    # e.g. another filter version's) computed, instead of decoding them again. Not part of the version.
+    reuse: bool = True
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
@@ -61,21 +64,55 @@ class DedupImagesConfig:
             raise ConfigError("keep: name at least one of aesthetic, pixels")
 
 
-def hash_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    """Ray task: one image shard -> hashes/<shard>.parquet (resumes: an existing file is kept)."""
+HASH_COLUMNS = ("digest", "phash", "colour", "pixels")  # what a sample's pixels decide (reusable by uid)
+
+
+def _pooled_hashes(pooled: Optional[pa.Table]) -> dict[str, tuple]:
+    """uid -> (digest, phash, colour, pixels) of the shard's samples an earlier de-dup already hashed."""
+    import pyarrow.compute as pc
+
+    out: dict[str, tuple] = {}
+    if pooled is None or not pooled.num_rows:
+        return out
+    for file in sorted(set(pooled.column("file").to_pylist())):
+        uids = pooled.filter(pc.equal(pooled.column("file"), file)).column("uid")
+        with storage.open_input(file) as handle:
+            table = pq.read_table(handle, columns=["uid", *HASH_COLUMNS])
+        table = table.filter(pc.is_in(table.column("uid"), value_set=uids.combine_chunks()))
+        for r in table.to_pylist():
+            out[r["uid"]] = tuple(r[c] for c in HASH_COLUMNS)
+    return out
+
+
+def hash_shard(row: dict[str, Any], out_dir: str, pooled: Optional[pa.Table] = None) -> dict[str, Any]:
+    """Ray task: one image shard -> hashes/<shard>.parquet (resumes: an existing file is kept). `pooled`: the
+    shard's uids an earlier de-dup of a download with the same sample settings hashed (uid, file): their hashes
+    are copied, their images not decoded."""
     from PIL import Image
 
     source, name = row["source"], row["name"]
     target = storage.join(out_dir, HASHES_DIR, f"{name}.parquet")
     if storage.exists(target):
-        return {"name": name, "rows": pq.read_metadata(storage.local_copy(target)).num_rows, "skipped": "{}"}
+        return {"name": name, "rows": pq.read_metadata(storage.local_copy(target)).num_rows, "skipped": "{}",
+                "reused": 0}
     records: dict[str, list] = {k: [] for k in ("uid", "digest", "phash", "colour", "pixels", "aesthetic", "key")}
     skipped: dict[str, int] = {}
+    known = _pooled_hashes(pooled)
+    reused = 0
     for key, parts in image_shards.iter_shard_samples(source):
         ext = next((e for e in image_shards.IMAGE_EXTENSIONS if e in parts), None)
         meta = json.loads(parts["json"]) if "json" in parts else {}
         if ext is None or not meta.get("uid"):
             skipped["no_image_or_uid"] = skipped.get("no_image_or_uid", 0) + 1
+            continue
+        score = meta.get("aesthetic")
+        if meta["uid"] in known:
+            for column, value in zip(HASH_COLUMNS, known[meta["uid"]]):
+                records[column].append(value)
+            records["uid"].append(meta["uid"])
+            records["key"].append(key)
+            records["aesthetic"].append(float(score) if isinstance(score, (int, float)) else float("nan"))
+            reused += 1
             continue
         try:
             with Image.open(io.BytesIO(parts[ext]), formats=image_shards.SHARD_IMAGE_FORMATS) as image:
@@ -89,7 +126,6 @@ def hash_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
         records["phash"].append(image_dedup.perceptual_hash(pixels) - (1 << 63))  # as int64, order kept
         records["colour"].append(image_dedup.colour_grid(pixels).tobytes())
         records["pixels"].append(int(pixels.shape[0] * pixels.shape[1]))
-        score = meta.get("aesthetic")
         records["aesthetic"].append(float(score) if isinstance(score, (int, float)) else float("nan"))
     table = pa.table({"uid": pa.array(records["uid"], pa.string()), "key": pa.array(records["key"], pa.string()),
                       "shard": pa.array([name] * len(records["uid"]), pa.string()),
@@ -102,7 +138,7 @@ def hash_shard(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
     tmp = target + ".tmp"
     pq.write_table(table, storage.resolve(tmp)[1], filesystem=storage.resolve(tmp)[0])
     storage.resolve(tmp)[0].move(storage.resolve(tmp)[1], storage.resolve(target)[1])
-    return {"name": name, "rows": table.num_rows, "skipped": json.dumps(skipped)}
+    return {"name": name, "rows": table.num_rows, "skipped": json.dumps(skipped), "reused": reused}
 
 
 def _unsigned(phash: np.ndarray) -> np.ndarray:
@@ -147,12 +183,27 @@ def bucket_pairs(row: dict[str, Any], hash_files: list[str], num_buckets: int, n
     return {"bucket": bucket, "exact": json.dumps(exact), "near": json.dumps(near_found)}
 
 
+def _rows_at(files: list[str], counts: list[int], positions: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows at global `positions` (sorted) of the files read in order (`counts` rows each), these columns."""
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    tables = []
+    for i, file in enumerate(files):
+        lo, hi = np.searchsorted(positions, bounds[i]), np.searchsorted(positions, bounds[i + 1])
+        if hi > lo:
+            with storage.open_input(file) as handle:
+                table = pq.read_table(handle, columns=columns)
+            tables.append(table.take(pa.array(positions[lo:hi] - bounds[i])))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string() if c in ("uid", "shard") else pa.float64()) for c in columns})
+    return pa.concat_tables(tables)
+
+
 class DedupImagesPhase(Phase):
     name = "dedup_images"
     config_class = DedupImagesConfig
     output_subdir = "dedup_images"
     description = __doc__.splitlines()[0]
-    version_exclude = ("input", "output", "data_root", "num_buckets", "report_pairs", "ray", "mlflow")
+    version_exclude = ("input", "output", "data_root", "num_buckets", "report_pairs", "reuse", "ray", "mlflow")
 
     def input_uri(self, cfg: DedupImagesConfig) -> str:
         if not cfg.input:
@@ -169,8 +220,9 @@ class DedupImagesPhase(Phase):
         storage.makedirs(out)
         sources = image_shards.list_shards(ctx.input_uri)
         items = [{"source": s, "name": image_shards.source_name(s)} for s in sources]
+        input_key, pooled = self._pool(ctx, items)
         task = ray.remote(num_cpus=1)(hash_shard)
-        hashed = ray.get([task.remote(item, out) for item in items])
+        hashed = ray.get([task.remote(item, out, pooled.get(item["name"])) for item in items])
         hash_files = [storage.join(out, HASHES_DIR, f"{h['name']}.parquet") for h in hashed]
         skipped: dict[str, int] = {}
         for h in hashed:
@@ -181,14 +233,23 @@ class DedupImagesPhase(Phase):
                                           cfg.max_colour) for b in range(cfg.num_buckets)])
         exact = {tuple(p) for f in found for p in json.loads(f["exact"])}
         near = {tuple(p) for f in found for p in json.loads(f["near"])} - exact
-        table = pa.concat_tables([pq.read_table(storage.local_copy(f)) for f in hash_files])
-        n = table.num_rows
-        group = image_dedup.groups(n, np.array(sorted(exact | near), dtype=np.int64).reshape(-1, 2))
-        scores = [np.nan_to_num(table.column(c).to_numpy().astype(float), nan=-1e9) for c in cfg.keep]
+        n = sum(h["rows"] for h in hashed)
+        # Only the samples in some pair are read back (uid, shard, scores): the driver's memory follows the
+        # duplicates, not the dataset.
+        involved = np.unique(np.array(sorted(exact | near), dtype=np.int64).reshape(-1))
+        table = _rows_at(hash_files, [h["rows"] for h in hashed], involved, ["uid", "shard", *cfg.keep])
+        local = {int(g): i for i, g in enumerate(involved)}
+
+        def remap(pairs):
+            return np.array([(local[a], local[b]) for a, b in sorted(pairs)], dtype=np.int64).reshape(-1, 2)
+
+        group = image_dedup.groups(len(involved), remap(exact | near))
+        scores = [np.nan_to_num(table.column(c).to_numpy(zero_copy_only=False).astype(float), nan=-1e9)
+                  for c in cfg.keep]
         uids = table.column("uid").to_pylist()
         removed = image_dedup.keep_best(uids, group, scores)
         position = {u: i for i, u in enumerate(uids)}
-        exact_groups = image_dedup.groups(n, np.array(sorted(exact), dtype=np.int64).reshape(-1, 2))
+        exact_groups = image_dedup.groups(len(involved), remap(exact))
         kinds = ["exact" if exact_groups[position[u]] == exact_groups[position[k]] else "near"
                  for u, k in zip(removed.column("uid").to_pylist(), removed.column("duplicate_of").to_pylist())]
         shards = table.column("shard").to_pylist()
@@ -199,24 +260,62 @@ class DedupImagesPhase(Phase):
         counts = {"input_shards": len(sources), "samples": n, "skipped": sum(skipped.values()),
                   "skipped_by_reason": skipped, "duplicates": removed.num_rows,
                   "exact_duplicates": kinds.count("exact"), "near_duplicates": kinds.count("near"),
-                  "kept": n - removed.num_rows}
+                  "kept": n - removed.num_rows, "reused_hashes": sum(h.get("reused", 0) for h in hashed)}
         if counts["kept"] + counts["duplicates"] != n:
             raise RuntimeError(f"image de-dup does not add up: {n} samples != kept + duplicates")
         ctx.log_metrics({k: v for k, v in counts.items() if isinstance(v, int)})
-        files = self._report(ctx, removed, table, position, sources)
+        files = self._report(ctx, removed, n, shards, position, sources)
         ctx.log_files(files, reports.REPORT_DIR)
-        return Outcome(counts=counts, extra={"duplicates": DUPLICATES, "hashes": HASHES_DIR,
+        return Outcome(counts=counts, extra={"duplicates": DUPLICATES, "hashes": HASHES_DIR, "input_reuse_key": input_key,
                                              "rule": {"near": cfg.near, "max_distance": cfg.max_distance,
                                                       "max_colour": cfg.max_colour, "keep": cfg.keep}})
 
-    def _report(self, ctx: Context, removed: pa.Table, table: pa.Table, position: dict, sources: list[str]) -> dict:
+    def _pool(self, ctx: Context, items: list[dict]) -> tuple[Optional[str], dict[str, pa.Table]]:
+        """The input's sample-settings key (`pipelines.download.manifest_reuse_key`), and per shard the uids that
+        earlier dedup_images outputs of inputs with that key hashed (uid, file)."""
+        from pipelines import download, latent_reuse
+
+        key = download.manifest_reuse_key(manifest_lib.read(ctx.input_uri))
+        if not ctx.cfg.reuse or key is None:
+            return key, {}
+        files = []
+        for directory in storage.list_dirs(storage.parent(ctx.output)):
+            if storage.basename(directory) == ctx.version or not manifest_lib.has_manifest(directory):
+                continue
+            found = manifest_lib.read(directory)
+            if found.get("phase") == self.name and found.get("input_reuse_key") == key:
+                files += storage.list_files(storage.join(directory, HASHES_DIR), suffix=".parquet")
+        if not files:
+            return key, {}
+        pieces = []
+        for file in files:
+            with storage.open_input(file) as handle:
+                uids = pq.read_table(handle, columns=["uid"]).column("uid").combine_chunks()
+            pieces.append(pa.table({"uid": uids, "file": pa.array([file] * len(uids), pa.string())}))
+        grouped = pa.concat_tables(pieces).group_by("uid", use_threads=False).aggregate([("file", "min")])
+        index = pa.table({"uid": grouped.column("uid"), "file": grouped.column("file_min")})
+        pooled = {}
+        for item in items:
+            uids = latent_reuse.shard_uids(item["source"])
+            if uids is not None and len(uids):
+                rows = pa.table({"uid": uids}).join(index, "uid", join_type="inner")
+                if rows.num_rows:
+                    pooled[item["name"]] = rows
+        log.info("dedup_images: hashes of %d samples reused from earlier de-dups", sum(t.num_rows for t in pooled.values()))
+        return key, pooled
+
+    def _report(self, ctx: Context, removed: pa.Table, n: int, shards: list[str], position: dict,
+                sources: list[str]) -> dict:
         """Counts by kind and a grid of sampled pairs (duplicate, then the kept one) for a human to judge."""
         wanted = removed.slice(0, ctx.cfg.report_pairs).to_pylist()
         need = {r["uid"] for r in wanted} | {r["duplicate_of"] for r in wanted}
+        need_shards = {shards[position[u]] for u in need}
         images: dict[str, bytes] = {}
         for source in sources:
             if need <= set(images):
                 break
+            if image_shards.source_name(source) not in need_shards:
+                continue
             for _, parts in image_shards.iter_shard_samples(source):
                 meta = json.loads(parts.get("json", b"{}"))
                 ext = next((e for e in image_shards.IMAGE_EXTENSIONS if e in parts), None)
@@ -228,7 +327,7 @@ class DedupImagesPhase(Phase):
         samples = {"duplicate_of": [{"uid": r["uid"], "duplicate_of": r["duplicate_of"], "kind": r["kind"]}
                                     for r in wanted]}
         return reports.counts_report(ctx.output, "dedup_images", ctx.version, kinds,
-                                     kept=table.num_rows - removed.num_rows, samples=samples, thumbnails=thumbs)
+                                     kept=n - removed.num_rows, samples=samples, thumbnails=thumbs)
 
 
 def check_exclude(uri: str, input_uri: str) -> dict:

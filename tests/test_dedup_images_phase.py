@@ -61,7 +61,7 @@ def test_planted_copies_are_removed_and_look_alikes_kept(embedded_ray, tmp_path)
                 _add(tar, f"{key}.json", json.dumps({"uid": uid, "caption": "c", "aesthetic": score,
                                                      "url": f"http://127.0.0.1/{uid}.jpg"}).encode())
     with open(root / "manifest.json", "w") as f:
-        json.dump({"phase": "download", "counts": {"samples": len(samples)}}, f)
+        json.dump({"phase": "download", "counts": {"samples": len(samples)}, "reuse_key": "same-settings"}, f)
 
     result = dedup_images.main(["--input", str(root), "--set", f"data_root={tmp_path}", "--set", "mlflow.enabled=false",
                                 "--set", "num_buckets=3"])
@@ -75,6 +75,27 @@ def test_planted_copies_are_removed_and_look_alikes_kept(embedded_ray, tmp_path)
     assert dedup_images.excluded_uids(result.output) == planted
     by_shard = [dedup_images.excluded_uids(result.output, f"{shard:05d}") for shard in range(2)]
     assert {**by_shard[0], **by_shard[1]} == planted and all(by_shard)
+
+    # A download of another filter version with the same sample settings: every hash is copied (no image decoded),
+    # the same copies found.
+    import shutil
+
+    import pyarrow as pa
+
+    v2 = tmp_path / "images" / "v2-same-settings"
+    os.makedirs(v2)
+    for shard in range(2):
+        shutil.copy(root / f"{shard:05d}.tar", v2 / f"{shard:05d}.tar")
+        with tarfile.open(root / f"{shard:05d}.tar") as tar:
+            uids = [json.load(tar.extractfile(m))["uid"] for m in tar.getmembers() if m.name.endswith(".json")]
+        pq.write_table(pa.table({"uid": uids, "status": ["success"] * len(uids)}), v2 / f"{shard:05d}.parquet")
+    with open(v2 / "manifest.json", "w") as f:
+        json.dump({"phase": "download", "counts": {"samples": len(samples)}, "reuse_key": "same-settings",
+                   "filter": "v2"}, f)
+    again = dedup_images.main(["--input", str(v2), "--set", f"data_root={tmp_path}", "--set", "mlflow.enabled=false"])
+    assert again.version != result.version
+    assert again.manifest["counts"]["reused_hashes"] == len(samples) and result.manifest["counts"]["reused_hashes"] == 0
+    assert dedup_images.excluded_uids(again.output) == planted
 
     # precompute with exclude: the copies are left out (counted, before decoding), the rest written once each.
     import torch
