@@ -107,7 +107,8 @@ def training_captions(latents_uri: str) -> list[str]:
     import pyarrow.parquet as pq
 
     files = sorted(storage.list_files(latents_uri))
-    shards = [f for f in files if storage.basename(f).startswith("shard-") and f.endswith(".parquet")]
+    names = [storage.basename(f) for f in files]
+    shards = [f for f, name in zip(files, names) if name.startswith("shard-") and name.endswith(".parquet")]
     if not shards:
         raise InputError(f"{latents_uri}: no latent shards to read training captions from (unseen_prompts)")
     captions: list[str] = []

@@ -91,24 +91,26 @@ def shard_files(root: str, name: str) -> dict[str, str]:
 
 
 def sibling_files(tar_uri: str) -> dict[str, str]:
-    stem = tar_uri[: -len(".tar")]
-    return {"tar": tar_uri, "parquet": stem + ".parquet", "selection": stem + SELECTION_SUFFIX,
-            "stats": stem + "_stats.json"}
+    # An object-store URI's options (?endpoint_override=...) stay after the path of each sibling.
+    base, options = storage.split_options(tar_uri) if storage.is_remote(tar_uri) else (tar_uri, "")
+    stem = base[: -len(".tar")]
+    return {"tar": tar_uri, "parquet": stem + ".parquet" + options, "selection": stem + SELECTION_SUFFIX + options,
+            "stats": stem + "_stats.json" + options}
 
 
 def list_shards(uri: str) -> list[str]:
     """What a reader reads of a download version, one entry per shard in name order: the shard's selection
     (``NNNNN_selection.parquet``) where it has one, else its tar. Never a tar that a selection stands for."""
     files = storage.list_files(uri, suffix=(".tar", SELECTION_SUFFIX))
-    selections = {f[: -len(SELECTION_SUFFIX)] for f in files if f.endswith(SELECTION_SUFFIX)}
-    shards = [f for f in files if f.endswith(SELECTION_SUFFIX) or f[: -len(".tar")] not in selections]
+    selections = {source_name(f) for f in files if is_selection(f)}
+    shards = [f for f in files if is_selection(f) or source_name(f) not in selections]
     if not shards:
         raise ImageShardError(f"{uri}: no .tar shards (expected img2dataset webdataset output)")
     return sorted(shards)
 
 
 def is_selection(source: str) -> bool:
-    return str(source).endswith(SELECTION_SUFFIX)
+    return storage.split_options(str(source))[0].endswith(SELECTION_SUFFIX)
 
 
 def source_name(source: str) -> str:
@@ -233,18 +235,26 @@ def iter_shard_samples(source: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     return iter_selection_samples(source) if is_selection(source) else iter_tar_samples(source)
 
 
+def member_sample(member: tarfile.TarInfo) -> Optional[tuple[str, str]]:
+    """(sample key, lower-cased extension) of a tar member: a file named <key>.<ext> (the key is the path up to
+    the first dot of the file name); None for anything else."""
+    if not member.isfile():
+        return None
+    directory, name = posixpath.split(member.name)
+    if "." not in name:
+        return None
+    stem, ext = name.split(".", 1)
+    return posixpath.join(directory, stem), ext.lower()
+
+
 def tar_member_index(tar_uri: str) -> dict[str, dict[str, tuple[int, int]]]:
     """key -> {extension: (data offset, size)} of every sample of a tar (headers only)."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
     with storage.open_input(tar_uri) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            directory, name = posixpath.split(member.name)
-            if "." not in name:
-                continue
-            stem, ext = name.split(".", 1)
-            out.setdefault(posixpath.join(directory, stem), {})[ext.lower()] = (member.offset_data, member.size)
+            sample = member_sample(member)
+            if sample is not None:
+                out.setdefault(sample[0], {})[sample[1]] = (member.offset_data, member.size)
     return out
 
 
@@ -329,20 +339,17 @@ def iter_tar_samples(uri: str, expected: Optional[int] = None) -> Iterator[tuple
     try:
         with storage.open_input(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                sample = member_sample(member)
+                if sample is None:
                     continue
-                directory, name = posixpath.split(member.name)
-                if "." not in name:
-                    continue
-                stem, ext = name.split(".", 1)
-                member_key = posixpath.join(directory, stem)
+                member_key, ext = sample
                 if member_key != key and key is not None:
                     yield key, parts
                     count += 1
                     parts = {}
                 key = member_key
                 handle = tar.extractfile(member)
-                parts[ext.lower()] = handle.read() if handle is not None else b""
+                parts[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError, OSError) as exc:  # a truncated or corrupt tar
         error = exc
     if key is not None and parts:

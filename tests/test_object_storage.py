@@ -26,6 +26,10 @@ def s3(tmp_path_factory):
                                             "AWS_EC2_METADATA_DISABLED")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")
+    import ray
+
+    if ray.is_initialized():  # a Ray an earlier module left running: its workers lack the credentials above, as
+        ray.shutdown()        # a node started without them would; this module's Ray starts with them
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     options = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
@@ -49,6 +53,14 @@ def test_uris_with_options_keep_them_after_the_path(s3):
     assert storage.normalize(root + "/" + options) == s3
     fs, path = storage.resolve(storage.join(s3, "x.json"))
     assert path == "wurst/data/x.json" and fs.type_name == "s3"
+    # An image shard's side files (its results, selection and stats) keep them too.
+    from pipelines import image_shards
+
+    files = image_shards.shard_files(storage.join(s3, "images", "v1"), "00003")
+    assert files == {kind: f"{root}/images/v1/00003{suffix}{options}" for kind, suffix in (
+        ("tar", ".tar"), ("parquet", ".parquet"), ("selection", "_selection.parquet"), ("stats", "_stats.json"))}
+    assert image_shards.is_selection(files["selection"]) and not image_shards.is_selection(files["tar"])
+    assert image_shards.source_name(files["selection"]) == image_shards.source_name(files["tar"]) == "00003"
 
 
 def test_files_listing_and_atomic_shards_on_the_server(s3, tmp_path):
@@ -176,3 +188,38 @@ def test_generate_reads_checkpoints_from_the_object_store(s3, tmp_path):
     result = generate_images(["a red cube"], checkpoints=storage.join(s3, "generation-set"), n=1, height=128,
                              width=128, steps_c=2, steps_b=2, seed=0)
     assert result.images[0].size == (128, 128)
+
+
+@pytest.mark.slow_e2e  # ~15-25 s each; the default suite keeps the storage-layer checks
+def test_download_writes_its_shards_to_the_object_store(s3, embedded_ray, tmp_path):
+    """Download from a loopback HTTP server into the S3 server (shards published there, stats last), then a
+    re-filtered version reading the first one's samples there by range reads (a selection), and a resume that
+    verifies the finished shards on the store without fetching again."""
+    import json
+
+    from test_refilter import GONE, CountingServer, filter_version, rows, run, version_samples
+
+    server = CountingServer()
+    try:
+        all_rows = rows(server)
+        filtered = str(tmp_path / "filtered")
+        base_in, base = filter_version(filtered, "base", all_rows, 4.5)
+        tight_in, tight = filter_version(filtered, "tight", all_rows, 5.5)
+        images = storage.join(s3, "images")
+        first = run(base_in, str(tmp_path), output=images)
+        assert first.output.startswith("s3://wurst/data/images/") and storage.split_options(first.output)[1]
+        listed = {storage.basename(f) for f in storage.list_files(first.output)}
+        assert {"00000.tar", "00000.parquet", "00000_stats.json", "manifest.json", "report.json"} <= listed
+        samples = version_samples(first.output)
+        assert len(samples) == first.counts["samples"] == sum(r["row"] not in GONE for r in base)
+        hits = server.snapshot()
+        again = run(base_in, str(tmp_path), output=images)
+        assert again.skipped and server.snapshot() == hits
+        second = run(tight_in, str(tmp_path), output=images)
+        assert server.snapshot() == hits and second.manifest["reuse_pool"] == [first.version]
+        tight_samples = version_samples(second.output)
+        assert set(tight_samples) == {r["uid"] for r in tight if r["row"] not in GONE}
+        assert all(tight_samples[u]["jpg"] == samples[u]["jpg"] for u in tight_samples)
+        assert json.dumps(first.manifest).count("testing") == 0  # no credentials in the manifest
+    finally:
+        server.close()

@@ -64,6 +64,15 @@ def import_deepspeed():
     return deepspeed
 
 
+def prebuild_ops() -> None:
+    """Build the DeepSpeed ops a CPU (gloo) run JIT-loads, into the shared cache (`make setup`): the shared-memory
+    collectives take ~35 s of 2 cores to compile, which the first training job after an install otherwise pays."""
+    import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def engine_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, zero_stage: int,
                   precision: str, grad_clip: float, overlap_comm: bool = True,
                   bucket_size: int = 100_000_000) -> dict[str, Any]:
