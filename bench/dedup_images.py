@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import sys
 import tarfile
@@ -104,13 +103,15 @@ def main() -> None:
                                     "--set", f"num_buckets={max(2, args.cpus * 2)}"])
         seconds = time.time() - start
         counts = result.manifest["counts"]
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peaks = result.manifest["last_run"]["peak_task_rss_mib"]  # measured inside the Ray workers
+        peak_mb = max(peaks.values())
         rate = len(data) / seconds / args.cpus
         print(f"images: {len(data):,} ({planted} planted copies) in {-(-len(data) // 500)} shards")
         print(f"phase:  {seconds:.1f}s on {args.cpus} CPUs  {rate:,.0f} images/s/core   "
               f"bare hashing (1 process): {bare_rate:,.0f} images/s   ratio {rate / bare_rate:.2f}")
         print(f"found:  {counts['duplicates']} duplicates ({counts['exact_duplicates']} exact, "
-              f"{counts['near_duplicates']} near) for {planted} planted; peak worker RSS {peak_mb:,.0f} MiB")
+              f"{counts['near_duplicates']} near) for {planted} planted; peak worker RSS: hash tasks "
+              f"{peaks['hash']:,.0f} MiB, pair tasks {peaks['pairs']:,.0f} MiB")
         print("RESULT " + json.dumps({"images": len(data), "cpus": args.cpus, "seconds": seconds,
                                       "images_per_s_per_core": rate, "bare_images_per_s": bare_rate,
                                       "duplicates": counts["duplicates"], "planted": planted,

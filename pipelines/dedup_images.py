@@ -138,7 +138,8 @@ def hash_shard(row: dict[str, Any], out_dir: str, pooled: Optional[pa.Table] = N
     tmp = target + ".tmp"
     pq.write_table(table, storage.resolve(tmp)[1], filesystem=storage.resolve(tmp)[0])
     storage.resolve(tmp)[0].move(storage.resolve(tmp)[1], storage.resolve(target)[1])
-    return {"name": name, "rows": table.num_rows, "skipped": json.dumps(skipped), "reused": reused}
+    return {"name": name, "rows": table.num_rows, "skipped": json.dumps(skipped), "reused": reused,
+            "rss_mib": _peak_rss_mib()}
 
 
 def _unsigned(phash: np.ndarray) -> np.ndarray:
@@ -180,7 +181,14 @@ def bucket_pairs(row: dict[str, Any], hash_files: list[str], num_buckets: int, n
         hashes_all, colours_all, index_all = np.concatenate(hashes), np.concatenate(colours), np.concatenate(index)
         pairs = image_dedup.near_pairs(index_all, hashes_all, max_distance, colours_all, max_colour)
         near_found = pairs.tolist()
-    return {"bucket": bucket, "exact": json.dumps(exact), "near": json.dumps(near_found)}
+    return {"bucket": bucket, "exact": json.dumps(exact), "near": json.dumps(near_found), "rss_mib": _peak_rss_mib()}
+
+
+def _peak_rss_mib() -> float:
+    """The worker process's peak resident memory so far (an upper bound for the task that reports it)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rows_at(files: list[str], counts: list[int], positions: np.ndarray, columns: list[str]) -> pa.Table:
@@ -266,7 +274,10 @@ class DedupImagesPhase(Phase):
         ctx.log_metrics({k: v for k, v in counts.items() if isinstance(v, int)})
         files = self._report(ctx, removed, n, shards, position, sources)
         ctx.log_files(files, reports.REPORT_DIR)
+        last_run = {"peak_task_rss_mib": {"hash": max((h.get("rss_mib", 0) for h in hashed), default=0),
+                                          "pairs": max((f["rss_mib"] for f in found), default=0)}}
         return Outcome(counts=counts, extra={"duplicates": DUPLICATES, "hashes": HASHES_DIR, "input_reuse_key": input_key,
+                                             "last_run": last_run,
                                              "rule": {"near": cfg.near, "max_distance": cfg.max_distance,
                                                       "max_colour": cfg.max_colour, "keep": cfg.keep}})
 
@@ -279,12 +290,10 @@ class DedupImagesPhase(Phase):
         if not ctx.cfg.reuse or key is None:
             return key, {}
         files = []
-        for directory in storage.list_dirs(storage.parent(ctx.output)):
-            if storage.basename(directory) == ctx.version or not manifest_lib.has_manifest(directory):
-                continue
-            found = manifest_lib.read(directory)
-            if found.get("phase") == self.name and found.get("input_reuse_key") == key:
-                files += storage.list_files(storage.join(directory, HASHES_DIR), suffix=".parquet")
+        for directory in manifest_lib.earlier_versions(
+                storage.parent(ctx.output), ctx.version,
+                lambda found: found.get("phase") == self.name and found.get("input_reuse_key") == key):
+            files += storage.list_files(storage.join(directory, HASHES_DIR), suffix=".parquet")
         if not files:
             return key, {}
         pieces = []

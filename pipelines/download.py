@@ -341,17 +341,7 @@ def manifest_reuse_key(manifest: dict) -> Optional[str]:
 def find_pool(root: str, version: str, key: str) -> list[str]:
     """The complete download versions under `root` (but `version`) whose samples this key may reuse, oldest
     first (then by name): a version with failed shards counts with its completed shards."""
-    found = []
-    for directory in storage.list_dirs(root):
-        if storage.basename(directory) == version or not manifest_lib.has_manifest(directory):
-            continue
-        try:
-            manifest = manifest_lib.read(directory)
-        except (OSError, ValueError):
-            continue
-        if manifest_reuse_key(manifest) == key:
-            found.append((str(manifest.get("created_at", "")), directory))
-    return [d for _, d in sorted(found)]
+    return manifest_lib.earlier_versions(root, version, lambda manifest: manifest_reuse_key(manifest) == key)
 
 
 POOL_SCHEMA = pa.schema([("uid", pa.string()), ("status", pa.string()), ("reason", pa.string()),

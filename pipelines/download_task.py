@@ -677,6 +677,21 @@ def _fetch_with_img2dataset(table: pa.Table, work_dir: str, shard_id: int, setti
     return out_dir, politeness
 
 
+def read_shard_input(plan: ShardPlan, settings: ShardSettings) -> tuple[pa.Table, dict[str, int], pa.Array]:
+    """The shard's input rows (URL, TEXT, the stored columns; invalid UTF-8 repaired), the repairs, its uids
+    (checked unique and non-null)."""
+    read_columns = ["URL", "TEXT", *settings.columns]
+    table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
+    if table.num_rows != plan.num_rows:
+        raise RuntimeError(f"shard {plan.name}: read {table.num_rows} input rows, planned {plan.num_rows}")
+    table, repaired = repair_utf8(table, plan.name)
+    uids = table.column("uid").combine_chunks()
+    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
+        raise DownloadInputError(f"shard {plan.name} (input {plan.slices[0][0]}...): column 'uid' has null or "
+                                 f"duplicate values; the filter phase guarantees unique uids")
+    return table, repaired, uids
+
+
 def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -> dict:
     """Make shard `plan` complete on storage and return its summary (skips a verified one)."""
     existing = verify_shard(settings, plan)
@@ -686,16 +701,7 @@ def download_shard(plan: ShardPlan, settings: ShardSettings, attempt: int = 0) -
     started = time.time()
     # Past this instant no request starts and no read waits: the shard's late URLs end as `timeout`.
     shard_deadline = time.monotonic() + settings.max_shard_seconds
-    read_columns = ["URL", "TEXT", *settings.columns]
-    table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
-    if table.num_rows != plan.num_rows:
-        raise RuntimeError(f"shard {plan.name}: read {table.num_rows} input rows, planned {plan.num_rows}")
-    table, repaired = repair_utf8(table, plan.name)
-    uids = table.column("uid").combine_chunks()
-    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
-        first_file = plan.slices[0][0]
-        raise DownloadInputError(f"shard {plan.name} (input {first_file}...): column 'uid' has null or duplicate values; "
-                         f"the filter phase guarantees unique uids")
+    table, repaired, uids = read_shard_input(plan, settings)
     with tempfile.TemporaryDirectory(prefix=f"wurst-download-{plan.name}-", dir=settings.scratch_dir) as work:
         out_dir, politeness = _fetch_with_img2dataset(table, work, plan.shard_id, settings, shard_deadline)
         local = {"tar": os.path.join(out_dir, f"{plan.name}.tar"),
@@ -794,15 +800,7 @@ def download_selection_shard(plan: ShardPlan, settings: ShardSettings, reuse: pa
     _remove_shard(settings, plan.name)
     started = time.time()
     shard_deadline = time.monotonic() + settings.max_shard_seconds
-    read_columns = ["URL", "TEXT", *settings.columns]
-    table = pa.concat_tables([read_slice(uri, a, b, read_columns) for uri, a, b in plan.slices])
-    if table.num_rows != plan.num_rows:
-        raise RuntimeError(f"shard {plan.name}: read {table.num_rows} input rows, planned {plan.num_rows}")
-    table, repaired = repair_utf8(table, plan.name)
-    uids = table.column("uid").combine_chunks()
-    if uids.null_count or pc.count_distinct(uids).as_py() != len(uids):
-        raise DownloadInputError(f"shard {plan.name} (input {plan.slices[0][0]}...): column 'uid' has null or "
-                                 f"duplicate values; the filter phase guarantees unique uids")
+    table, repaired, uids = read_shard_input(plan, settings)
     held = {row["uid"]: row for row in reuse.to_pylist()}
     fetch_mask = pc.invert(pc.is_in(uids, value_set=reuse.column("uid").combine_chunks()))
     to_fetch = table.filter(fetch_mask)

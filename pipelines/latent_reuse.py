@@ -38,17 +38,8 @@ def reuse_key(version_tree: dict) -> str:
 
 def find_pool(root: str, version: str, key: str) -> list[str]:
     """Complete precompute versions under `root` (but `version`) with this reuse key, oldest first."""
-    found = []
-    for directory in storage.list_dirs(root):
-        if storage.basename(directory) == version or not manifest_lib.has_manifest(directory):
-            continue
-        try:
-            manifest = manifest_lib.read(directory)
-        except (OSError, ValueError):
-            continue
-        if manifest.get("phase") == "precompute" and manifest.get("reuse_key") == key:
-            found.append((str(manifest.get("created_at", "")), directory))
-    return [d for _, d in sorted(found)]
+    return manifest_lib.earlier_versions(
+        root, version, lambda manifest: manifest.get("phase") == "precompute" and manifest.get("reuse_key") == key)
 
 
 def _data_files(manifest: dict) -> Iterable[tuple[str, str, str]]:

@@ -65,6 +65,22 @@ def read(dataset_uri: str) -> dict:
     return storage.read_json(path)
 
 
+def earlier_versions(root: str, version: str, match) -> list[str]:
+    """The complete versions under `root` (every one but `version`) whose manifest satisfies `match`, oldest
+    first (then by name): the pools that re-filtered versions reuse downloads, latents and hashes from."""
+    found = []
+    for directory in storage.list_dirs(root):
+        if storage.basename(directory) == version or not has_manifest(directory):
+            continue
+        try:
+            manifest = read(directory)
+        except (OSError, ValueError):
+            continue
+        if match(manifest):
+            found.append((str(manifest.get("created_at", "")), directory))
+    return [d for _, d in sorted(found)]
+
+
 def manifest_hash(dataset_uri: str) -> str:
     """sha256 of an input dataset's manifest.json (the lineage link)."""
     return hash_bytes(storage.read_bytes(manifest_path(dataset_uri)))
