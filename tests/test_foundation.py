@@ -165,7 +165,7 @@ def test_version_changes_with_config_and_input(tmp_path):
     assert manifest.input_identity(str(raw)).startswith("listing:")
 
 
-@pytest.mark.e2e
+@pytest.mark.slow_e2e  # the workflow test submits every phase to the same `cluster up` head as Ray jobs
 def test_doctor_job_on_local_cluster(ray_cluster):
     """Real Ray head (token auth) started by `python -m cluster up --workers 1`; doctor submitted
     with `ray job submit --runtime-env ray_job.yaml`; its MLflow run is found in the store."""

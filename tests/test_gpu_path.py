@@ -162,7 +162,7 @@ def test_gpu_smoke_script_tiny_trains_checkpoints_restores_and_matches_an_uninte
     assert summary["exports"] == [20, 25]
 
 
-@pytest.mark.e2e
+@pytest.mark.slow_e2e  # the bench script; the smoke script above runs the same training step in the default suite
 def test_train_bench_tiny_times_the_real_step_and_reports_throughput():
     done = _run_script("bench/train.py", "--tiny", "--json")
     assert done.returncode == 0, done.stderr[-4000:]
