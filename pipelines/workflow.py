@@ -205,6 +205,8 @@ def link_checkpoints(out: str, sources: dict[str, str]) -> None:
         dst = os.path.join(ckpt, name)
         if os.path.islink(dst) or os.path.exists(dst):
             continue
+        if storage.is_remote(src):  # an export on an object store: its local copy (cached, made once)
+            src = storage.local_copy(src)
         if not os.path.isdir(src):
             raise FileNotFoundError(f"generate: {name} checkpoint not found at {src}")
         os.symlink(os.path.abspath(src), dst)

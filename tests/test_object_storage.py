@@ -223,3 +223,71 @@ def test_download_writes_its_shards_to_the_object_store(s3, embedded_ray, tmp_pa
         assert json.dumps(first.manifest).count("testing") == 0  # no credentials in the manifest
     finally:
         server.close()
+
+
+@pytest.mark.slow_e2e
+def test_the_chain_with_every_dataset_checkpoint_and_export_on_the_object_store(s3, embedded_ray, tmp_path):
+    """filter -> download -> precompute -> Stage C training -> generation, every dataset, encoder checkpoint, run
+    directory and export on the S3 server (issue 21): LAION-shaped metadata there, images fetched from a loopback
+    HTTP server. Local disk holds only scratch space and caches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    import stages
+    from pipelines import export_layout, precompute, train
+    from pipelines import filter as filter_phase
+    from pipelines.generate import generate_images, write_random_checkpoints
+    from stages.semantic import SemanticCompressor, SemanticCompressorConfig
+    from test_refilter import CountingServer, run
+
+    base = storage.join(s3, "chain")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = CountingServer()
+    try:
+        n = 24
+        table = pa.table({"URL": [f"http://127.0.0.1:{server.port}/img/{i}.jpg" for i in range(n)],
+                          "TEXT": [f"a photo of thing {i}" for i in range(n)],
+                          "WIDTH": pa.array([1024] * n, pa.int64()), "HEIGHT": pa.array([1024] * n, pa.int64()),
+                          "similarity": [0.35] * n, "punsafe": pa.array([0.0] * n, pa.float32()),
+                          "pwatermark": pa.array([0.1] * n, pa.float32()),
+                          "AESTHETIC_SCORE": pa.array([6.5] * n, pa.float32()), "hash": pa.array(range(n), pa.int64())})
+        pq.write_table(table, tmp_path / "laion.parquet")
+        storage.write_bytes(storage.join(base, "laion", "part-00000.parquet"), (tmp_path / "laion.parquet").read_bytes())
+        filtered = filter_phase.main(["--input", storage.join(base, "laion"), "--output", storage.join(base, "filtered"),
+                                      "--set", f"data_root={tmp_path}", "--set", "mlflow.enabled=false",
+                                      "--set", "dedup.num_buckets=2"])
+        assert storage.read_json(storage.join(filtered.output, "funnel.json"))["rows_written"] == n
+
+        images = run(filtered.output, str(tmp_path), output=storage.join(base, "images"))
+        assert images.counts["samples"] == n and server.snapshot() == {f"/img/{i}.jpg": 1 for i in range(n)}
+
+        torch.manual_seed(0)
+        local_set = write_random_checkpoints(tmp_path / "random-set", seed=0)  # text, stage_a, stage_b, stage_c
+        stages.save(SemanticCompressor(SemanticCompressorConfig.tiny()), local_set / "semantic")
+        _upload(str(local_set), storage.join(base, "checkpoints"))
+        latents = precompute.main([
+            "--config", os.path.join(repo, "configs", "precompute-tiny.yaml"), "--set", f"input={images.output}",
+            "--set", f"output={storage.join(base, 'latents')}", "--set", f"data_root={tmp_path}",
+            "--set", "mlflow.enabled=false", "--set", "outputs=[text,semantic]",
+            *[a for k in ("text", "semantic") for a in ("--set", f"encoders.{k}={storage.join(base, 'checkpoints', k)}")]])
+        assert latents.manifest["counts"]["written"] == n
+
+        train.main(["--config", os.path.join(repo, "configs", "train-c-tiny.yaml"), "--set", f"input={latents.output}",
+                    "--set", f"output={storage.join(base, 'runs')}", "--set", f"data_root={tmp_path}",
+                    "--set", "mlflow.enabled=false", "--set", "train.num_workers=1", "--set", "train.max_steps=4",
+                    "--set", "train.checkpoint_every=2", "--set", "validation.every=0", "--set", "sampling.every=0",
+                    "--set", "run_name=c-chain"])
+        export = export_layout.resolve_checkpoint(storage.join(base, "runs", "c-chain", "export", "stage_c"))
+        assert storage.is_remote(export)
+        # The generation set on the store: the trained Stage C next to the other components.
+        _upload(storage.local_copy(export), storage.join(base, "generation-set", "stage_c"))
+        for component in ("stage_b", "stage_a", "text"):
+            _upload(str(local_set / component), storage.join(base, "generation-set", component))
+        result = generate_images(["a photo of thing 3"], checkpoints=storage.join(base, "generation-set"), n=1,
+                                 height=128, width=128, steps_c=2, steps_b=2, seed=0)
+        assert result.images[0].size == (128, 128)
+        # Nothing but scratch and caches on local disk: no phase wrote a dataset under the data root.
+        assert not {"filtered", "images", "latents", "runs"} & set(os.listdir(tmp_path))
+    finally:
+        server.close()
