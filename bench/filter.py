@@ -1,6 +1,7 @@
-"""Benchmark of the filter phase against a plain pandas implementation of the same filters + dedup.
+"""Benchmark of the filter phase against DuckDB, Polars and plain pandas doing the same filters + dedup.
 
     python bench/filter.py [--rows 10000000] [--files 10] [--cpus N] [--workdir DIR] [--keep]
+                           [--skip-duckdb] [--skip-polars] [--skip-pandas]
 
 Generates a LAION-like dataset (both schema variants, URLs ~100 chars, captions 50-200 chars,
 ~7% re-posted images: duplicate URLs within and across files with the same image metadata,
@@ -9,8 +10,10 @@ nulls and NaN), then in the same process runs
    a tiny input first so worker start-up is not counted), and
 2. pandas: read each file, the same normalisation and filters in the same order with the same
    null accounting, concat the survivors, sort + drop_duplicates on the normalised URL, uid,
-   write one parquet file (one process; pyarrow limited to one thread so it is one core),
-checks that both produce the same funnel and the same uids, and prints rows/s per core for each
+   write one parquet file (one process; pyarrow limited to one thread so it is one core);
+3. DuckDB (one SQL pass per file, QUALIFY for the de-dup) and Polars (lazy expressions per file, sort + unique)
+   on --cpus threads,
+checks that each produces the same funnel and the same uids, and prints rows/s per core for each
 (wall-clock x allotted cores, and per CPU-second actually used: on a shared box the latter is the
 stable figure), the ratios, and the projected time for LAION-5B (5.85B rows) on a 64-core node.
 """
@@ -298,6 +301,79 @@ def duckdb_filter(paths: list[str], out_path: str, threads: int) -> dict:
             "duplicates_removed": after_filters - kept.num_rows, "rows_written": kept.num_rows, "uids": uids}
 
 
+# Polars baseline: the same funnel with lazy expressions per file (the file's own types, NaN as null, sizes
+# rounded as ours), then the URL de-dup over the survivors (sort by key, best first; first row per key).
+
+
+def _polars_file_frame(path: str, schema: pa.Schema):
+    import polars as pl
+
+    names = set(schema.names)
+    aesthetic = "AESTHETIC_SCORE" if "AESTHETIC_SCORE" in names else "aesthetic"
+
+    def num(column: str, rounded: bool = False):
+        expr = pl.col(column)
+        if pa.types.is_floating(schema.field(column).type):
+            expr = pl.when(expr.is_nan() | expr.is_infinite()).then(None).otherwise(expr)
+            return expr.round(0).cast(pl.Int64, strict=False) if rounded else expr
+        return expr.cast(pl.Int64) if rounded else expr.cast(pl.Float64)
+
+    def threshold(column: str, value: float):
+        kind = schema.field(column).type
+        return pl.lit(value, dtype=pl.Float32 if pa.types.is_float32(kind) else pl.Float64)
+
+    url = pl.col("URL").str.strip_chars()
+    w, h, a = pl.col("W"), pl.col("H"), pl.col("A")
+    reason = (pl.when(w.is_null()).then(pl.lit("null_WIDTH")).when(h.is_null()).then(pl.lit("null_HEIGHT"))
+              .when(~(pl.min_horizontal(w, h) >= 512)).then(pl.lit("min_side"))
+              .when(~(pl.max_horizontal(w, h) <= 4096)).then(pl.lit("max_side"))
+              .when(a.is_null()).then(pl.lit("null_aesthetic")).when(~(a >= threshold(aesthetic, 5.0))).then(pl.lit("aesthetic"))
+              .when(pl.col("PW").is_null()).then(pl.lit("null_pwatermark"))
+              .when(~(pl.col("PW") <= threshold("pwatermark", 0.5))).then(pl.lit("watermark"))
+              .when(pl.col("PU").is_null()).then(pl.lit("null_punsafe"))
+              .when(~(pl.col("PU") <= threshold("punsafe", 0.99))).then(pl.lit("unsafe"))
+              .when(pl.col("URL").is_null()).then(pl.lit("null_URL"))
+              .when(~(url.str.contains(r"(?i)^(?:http|https)://[^/?#\s]+") & (url.str.len_bytes() <= 2048)))
+              .then(pl.lit("url"))
+              .when(pl.col("TEXT").is_null()).then(pl.lit("null_TEXT"))
+              .when(~pl.col("TEXT").str.contains(NON_WS)).then(pl.lit("caption_empty"))
+              .when(~pl.col("TEXT").str.contains(f"{NON_WS}+{WS}+{NON_WS}")).then(pl.lit("caption_words"))
+              .otherwise(None))
+    return (pl.scan_parquet(path)
+            .with_columns(W=num("WIDTH", True), H=num("HEIGHT", True), A=num(aesthetic), PW=num("pwatermark"),
+                          PU=num("punsafe"))
+            .with_columns(reason=reason)
+            .select(URL=url, TEXT=pl.col("TEXT"), aesthetic=pl.col("A").cast(pl.Float64), reason=pl.col("reason")))
+
+
+def polars_filter(paths: list[str], out_path: str) -> dict:
+    import polars as pl
+
+    removed: dict[str, int] = {}
+    rows_read = 0
+    survivors = []
+    for path in paths:
+        tagged = _polars_file_frame(path, pq.read_schema(path)).collect()
+        rows_read += tagged.height
+        for reason, count in tagged.group_by("reason").len().iter_rows():
+            if reason is not None:
+                removed[reason] = removed.get(reason, 0) + count
+        survivors.append(tagged.filter(pl.col("reason").is_null()).drop("reason"))
+    kept = pl.concat(survivors)
+    after_filters = kept.height
+    base = pl.col("URL").str.split("#").list.first()
+    key = (base.str.extract(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*)", 1).str.to_lowercase()
+           + base.str.extract(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*(.*)$", 1))
+    kept = (kept.with_columns(key=key)
+            .sort(["key", "aesthetic", "TEXT", "URL"], descending=[False, True, False, False], nulls_last=True)
+            .unique(subset="key", keep="first", maintain_order=True)
+            .select("URL", "TEXT"))
+    uids = {hashlib.blake2b(f"{u}\x00{t}".encode(), digest_size=16).hexdigest() for u, t in kept.iter_rows()}
+    kept.write_parquet(out_path)
+    return {"rows_read": rows_read, "removed": removed, "rows_after_filters": after_filters,
+            "duplicates_removed": after_filters - kept.height, "rows_written": kept.height, "uids": uids}
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -348,6 +424,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated data and outputs")
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--skip-duckdb", action="store_true")
+    parser.add_argument("--skip-polars", action="store_true")
     args = parser.parse_args()
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="wurst-bench-filter-")
@@ -426,6 +503,24 @@ def main() -> None:
                            "duckdb_same_funnel": same, "duckdb_same_output": same_rows})
             if not (same and same_rows):
                 print("WARNING: duckdb differs", {k: v for k, v in duck.items() if k != "uids"}, ours_removed)
+        if not args.skip_polars:
+            os.environ.setdefault("POLARS_MAX_THREADS", str(args.cpus))  # read when polars is first imported
+            t = time.time()
+            polar = polars_filter(paths, os.path.join(workdir, "polars.parquet"))
+            polars_s = time.time() - t
+            polars_per_core = args.rows / polars_s / args.cpus
+            same = ({k: v for k, v in polar["removed"].items() if v} == ours_removed
+                    and polar["duplicates_removed"] == funnel["duplicates_removed"]
+                    and polar["rows_written"] == funnel["rows_written"])
+            same_rows = polar["uids"] == read_uids(summary.output)
+            print(f"polars: {polars_s:7.1f}s wall on {args.cpus} threads            {args.rows / polars_s:11,.0f} rows/s"
+                  f"  {polars_per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
+            print(f"ratio ours/polars: {ours_per_core / polars_per_core:.2f}x per core (wall)")
+            result.update({"polars_seconds": polars_s, "polars_rows_per_s_per_core": polars_per_core,
+                           "ratio_ours_polars_per_core": ours_per_core / polars_per_core,
+                           "polars_same_funnel": same, "polars_same_output": same_rows})
+            if not (same and same_rows):
+                print("WARNING: polars differs", {k: v for k, v in polar.items() if k != "uids"}, ours_removed)
         if not args.skip_pandas:
             pa.set_cpu_count(1)
             pa.set_io_thread_count(1)
