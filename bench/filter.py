@@ -486,41 +486,30 @@ def main() -> None:
                   "ours_rows_per_cpu_second": args.rows / ours_cpu, "ours_seconds_without_report": bare_s}
 
         ours_removed = {r: c for s in funnel["filters"] for r, c in s["removed"].items() if c}
-        if not args.skip_duckdb:
+        def compare(name: str, run_baseline) -> None:
+            """Time a threaded baseline (--cpus threads), check its funnel and uids against ours, print the ratio."""
             t = time.time()
-            duck = duckdb_filter(paths, os.path.join(workdir, "duckdb.parquet"), args.cpus)
-            duck_s = time.time() - t
-            duck_per_core = args.rows / duck_s / args.cpus
-            same = ({k: v for k, v in duck["removed"].items() if v} == ours_removed
-                    and duck["duplicates_removed"] == funnel["duplicates_removed"]
-                    and duck["rows_written"] == funnel["rows_written"])
-            same_rows = duck["uids"] == read_uids(summary.output)
-            print(f"duckdb: {duck_s:7.1f}s wall on {args.cpus} threads            {args.rows / duck_s:11,.0f} rows/s"
-                  f"  {duck_per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
-            print(f"ratio ours/duckdb: {ours_per_core / duck_per_core:.2f}x per core (wall)")
-            result.update({"duckdb_seconds": duck_s, "duckdb_rows_per_s_per_core": duck_per_core,
-                           "ratio_ours_duckdb_per_core": ours_per_core / duck_per_core,
-                           "duckdb_same_funnel": same, "duckdb_same_output": same_rows})
+            out = run_baseline()
+            seconds = time.time() - t
+            per_core = args.rows / seconds / args.cpus
+            same = ({k: v for k, v in out["removed"].items() if v} == ours_removed
+                    and out["duplicates_removed"] == funnel["duplicates_removed"]
+                    and out["rows_written"] == funnel["rows_written"])
+            same_rows = out["uids"] == read_uids(summary.output)
+            print(f"{name + ':':<7} {seconds:7.1f}s wall on {args.cpus} threads            {args.rows / seconds:11,.0f} "
+                  f"rows/s  {per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
+            print(f"ratio ours/{name}: {ours_per_core / per_core:.2f}x per core (wall)")
+            result.update({f"{name}_seconds": seconds, f"{name}_rows_per_s_per_core": per_core,
+                           f"ratio_ours_{name}_per_core": ours_per_core / per_core,
+                           f"{name}_same_funnel": same, f"{name}_same_output": same_rows})
             if not (same and same_rows):
-                print("WARNING: duckdb differs", {k: v for k, v in duck.items() if k != "uids"}, ours_removed)
+                print(f"WARNING: {name} differs", {k: v for k, v in out.items() if k != "uids"}, ours_removed)
+
+        if not args.skip_duckdb:
+            compare("duckdb", lambda: duckdb_filter(paths, os.path.join(workdir, "duckdb.parquet"), args.cpus))
         if not args.skip_polars:
             os.environ.setdefault("POLARS_MAX_THREADS", str(args.cpus))  # read when polars is first imported
-            t = time.time()
-            polar = polars_filter(paths, os.path.join(workdir, "polars.parquet"))
-            polars_s = time.time() - t
-            polars_per_core = args.rows / polars_s / args.cpus
-            same = ({k: v for k, v in polar["removed"].items() if v} == ours_removed
-                    and polar["duplicates_removed"] == funnel["duplicates_removed"]
-                    and polar["rows_written"] == funnel["rows_written"])
-            same_rows = polar["uids"] == read_uids(summary.output)
-            print(f"polars: {polars_s:7.1f}s wall on {args.cpus} threads            {args.rows / polars_s:11,.0f} rows/s"
-                  f"  {polars_per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
-            print(f"ratio ours/polars: {ours_per_core / polars_per_core:.2f}x per core (wall)")
-            result.update({"polars_seconds": polars_s, "polars_rows_per_s_per_core": polars_per_core,
-                           "ratio_ours_polars_per_core": ours_per_core / polars_per_core,
-                           "polars_same_funnel": same, "polars_same_output": same_rows})
-            if not (same and same_rows):
-                print("WARNING: polars differs", {k: v for k, v in polar.items() if k != "uids"}, ours_removed)
+            compare("polars", lambda: polars_filter(paths, os.path.join(workdir, "polars.parquet")))
         if not args.skip_pandas:
             pa.set_cpu_count(1)
             pa.set_io_thread_count(1)

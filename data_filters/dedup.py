@@ -169,6 +169,19 @@ def keep_best(table: pa.Table) -> DedupResult:
                        kept_rows_for_removed=order_np[group_head].astype(np.int64))
 
 
+def first_per_key(table: pa.Table, column: str, then: list[tuple[str, str]]) -> pa.Table:
+    """The first row of each `column` value when the rows are ordered by it and then by `then` (sort keys):
+    the preferred row per key (e.g. per uid the oldest version's)."""
+    if not table.num_rows:
+        return table
+    table = table.sort_by([(column, "ascending"), *then])
+    values = table.column(column).combine_chunks()
+    first = np.ones(len(values), dtype=bool)
+    if len(values) > 1:
+        first[1:] = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(first))
+
+
 def spread_order(table: pa.Table) -> pa.Table:
     """The rows in a deterministic pseudo-random order: by a hash of their uid (then uid, for equal hashes).
     `keep_best` returns rows sorted by normalised URL, i.e. grouped by host; a download shard cut from such a

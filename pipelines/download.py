@@ -62,6 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_filters import dedup
 from pipelines import manifest as manifest_lib
 from pipelines import config as config_lib
 from pipelines import image_shards, netguard, reports, storage, tracking
@@ -385,11 +386,7 @@ def pool_index(pool: list[str], permanent: set[str]) -> pa.Table:
     table = pa.concat_tables(tables).combine_chunks()
     table = table.append_column("rank", pc.if_else(pc.equal(table.column("status"), "success"), 0, 1)) \
         .append_column("order", pa.array(range(table.num_rows), pa.int64()))
-    table = table.sort_by([("uid", "ascending"), ("rank", "ascending"), ("order", "ascending")])
-    uids = table.column("uid").combine_chunks()
-    first = pc.not_equal(uids.slice(1), uids.slice(0, len(uids) - 1)) if len(uids) > 1 else pa.array([], pa.bool_())
-    mask = pa.concat_arrays([pa.array([True]), first.cast(pa.bool_())]) if len(uids) else pa.array([], pa.bool_())
-    return table.filter(mask).select(POOL_SCHEMA.names)
+    return dedup.first_per_key(table, "uid", [("rank", "ascending"), ("order", "ascending")]).select(POOL_SCHEMA.names)
 
 
 def split_reuse(plans: list[ShardPlan], index: pa.Table) -> dict[str, pa.Table]:

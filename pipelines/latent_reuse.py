@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_filters import dedup
 from pipelines import image_shards, latent_shards, storage
 from pipelines import manifest as manifest_lib
 
@@ -75,12 +76,7 @@ def pool_index(pool: list[str]) -> pa.Table:
         return INDEX_SCHEMA.empty_table()
     table = pa.concat_tables(tables).combine_chunks()
     table = table.append_column("order", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    table = table.sort_by([("uid", "ascending"), ("order", "ascending")])
-    uids = table.column("uid")
-    keep = np.ones(table.num_rows, dtype=bool)
-    if table.num_rows > 1:
-        keep[1:] = pc.not_equal(uids.slice(1), uids.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(keep)).select(INDEX_SCHEMA.names)
+    return dedup.first_per_key(table, "uid", [("order", "ascending")]).select(INDEX_SCHEMA.names)
 
 
 def shard_uids(source: str) -> Optional[pa.Array]:
