@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import posixpath
 import time
 from typing import Optional, Union
 
@@ -31,7 +32,7 @@ from pipelines.config import ConfigError, param
 from pipelines.filter_tasks import (FilterInputError, Plan, dedup_bucket, filter_unit, input_uris, preflight,
                                     stage_context, unit_row)
 from pipelines.phase import Context, Outcome, Phase, module_cli
-from pipelines.runtime import RayConfig, default_data_root
+from pipelines.runtime import RayConfig, default_data_root, ensure_cwd
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class ReadConfig:
     max_tasks_in_flight: Optional[int] = param(None, ge=1)
     # Threads reading parquet footers in the pre-flight (I/O bound: object stores like many).
     footer_threads: int = param(16, ge=1, le=256)
+    # Ray memory request of each filter / de-dup task in MiB, so that a node runs no more of them at once than
+    # its memory holds. None: estimated from batch_rows, buffer_rows and dedup.max_rows_per_task; 0: no request.
+    task_memory_mib: Optional[int] = param(None, ge=0)
     # Compression of the temporary bucket files (Arrow IPC). None is fastest on local disk;
     # lz4/zstd trade CPU for fewer bytes when the output lives in an object store.
     temp_compression: Optional[str] = param(None, choices=["lz4", "zstd"])
@@ -168,13 +172,50 @@ def input_identity(cfg: FilterConfig) -> str:
 # Driver
 
 
-def _ray_map(items: list[dict], fn, concurrency: Optional[int]):
-    """Stream results of `fn` over `items`, one Ray task per item."""
+def _ray_map(items: list[dict], fn, concurrency: Optional[int], memory: int = 0):
+    """Stream results of `fn` over `items`, one Ray task per item (each reserving `memory` bytes, if > 0)."""
     import ray.data
 
+    ensure_cwd()
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     kwargs = {"concurrency": concurrency} if concurrency else {}
-    return dataset.map(fn, num_cpus=1, **kwargs).iter_rows()
+    if memory > 0:
+        kwargs["memory"] = memory
+    yield from dataset.map(fn, num_cpus=1, **kwargs).iter_rows()
+    # A worker node on the same machine re-extracts the job's working_dir (the driver's cwd) when its first
+    # task lands there: the driver's cwd is then a deleted directory (measured: the filter died in getcwd).
+    ensure_cwd()
+
+
+# What a task holds at its peak, measured with `bench/filter_scale.py memory` (peak RSS of the Ray workers over
+# runs with batch_rows 131k / 262k / 524k and de-dup slices of 390k / 781k rows; BENCHMARKS.md): a worker's own
+# footprint with what its allocator keeps from earlier tasks, ~750 B per row of a decoded batch (the batch, its
+# normalised columns and masks), ~1 KB per row of a de-dup slice (its rows, the normalised URLs and sort keys, the
+# kept copy) and ~600 B per buffered survivor (a filter task's spill buffer, one temp file a de-dup task reads).
+TASK_BASE_BYTES = 640 * 2**20
+BATCH_BYTES_PER_ROW = 750
+SLICE_BYTES_PER_ROW = 1000
+BUFFERED_BYTES_PER_ROW = 600
+
+
+def task_memory(cfg: "FilterConfig") -> dict[str, int]:
+    """Bytes each filter and de-dup task asks Ray for: set by the config, whatever the input's size."""
+    if cfg.read.task_memory_mib is not None:
+        return {"filter": cfg.read.task_memory_mib * 2**20, "dedup": cfg.read.task_memory_mib * 2**20}
+    buffered = BUFFERED_BYTES_PER_ROW * cfg.read.buffer_rows
+    return {"filter": TASK_BASE_BYTES + BATCH_BYTES_PER_ROW * cfg.read.batch_rows + buffered,
+            "dedup": TASK_BASE_BYTES + SLICE_BYTES_PER_ROW * cfg.dedup.max_rows_per_task + buffered}
+
+
+def check_task_memory(requests: dict[str, int], node_memory: list[float]) -> None:
+    """Fail fast, naming the keys, when no node could ever run a task (Ray would queue it forever)."""
+    largest = max(node_memory, default=0)
+    keys = {"filter": "read.batch_rows / read.buffer_rows", "dedup": "dedup.max_rows_per_task / read.buffer_rows"}
+    for kind, need in requests.items():
+        if need > largest:
+            raise ConfigError(f"read.task_memory_mib: a {kind} task needs ~{need / 2**20:,.0f} MiB but the largest "
+                              f"Ray node offers {largest / 2**20:,.0f} MiB of task memory; lower {keys[kind]} "
+                              f"(or set read.task_memory_mib explicitly)")
 
 
 def _prepare_tmp(out_uri: str, plan: Plan) -> str:
@@ -241,6 +282,8 @@ def build_funnel(plan: Plan, unit_results: list[dict], bucket_results: list[dict
         "duplicates_removed": duplicates,
         "rows_written": written,
         "dedup": {"enabled": cfg.dedup.enabled, "key": "normalised URL", "num_buckets": plan.num_buckets,
+                  # buckets above dedup.max_rows_per_task are done in several slices (bounded memory)
+                  "slices": sum(b.get("passes", 1) for b in bucket_results),
                   "keep": "highest aesthetic, then smallest caption"},
         "files": {"read": len(plan.files) - len({s["file_index"] for s in skipped if "file_index" in s}),
                   "skipped": [{k: v for k, v in s.items() if k != "file_index"} for s in skipped]},
@@ -336,6 +379,11 @@ class FilterPhase(Phase):
         else:
             tmp_uri = _prepare_tmp(out_uri, plan)
         stage = stage_context(cfg, plan, tmp_uri)
+        memory = task_memory(cfg)
+        if cfg.read.task_memory_mib != 0:
+            import ray
+
+            check_task_memory(memory, [n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]])
         files_by_index = {f.index: f for f in plan.files}
 
         # Stage 1
@@ -348,7 +396,8 @@ class FilterPhase(Phase):
         failed: dict[int, str] = {}  # file index -> error
         if todo:
             items = [unit_row(u, plan) for u in todo]
-            for row in _ray_map(items, functools.partial(filter_unit, ctx=stage), cfg.read.max_tasks_in_flight):
+            for row in _ray_map(items, functools.partial(filter_unit, ctx=stage), cfg.read.max_tasks_in_flight,
+                                memory["filter"] if cfg.read.task_memory_mib != 0 else 0):
                 if row["status"] == "ok":
                     result = json.loads(row["result"])
                     unit_results[result["unit"]] = result
@@ -391,7 +440,8 @@ class FilterPhase(Phase):
                          "%d slices)", len(split), cfg.dedup.max_rows_per_task, max(rows_per_bucket.values()),
                          max(i["passes"] for i in split))
             fn = functools.partial(dedup_bucket, ctx=stage, out_uri=out_uri)
-            for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight):
+            for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight,
+                                memory["dedup"] if cfg.read.task_memory_mib != 0 else 0):
                 done = json.loads(row["result"])
                 bucket_results[done["bucket"]] = done
         dedup_seconds = time.time() - t1
@@ -423,7 +473,7 @@ class FilterPhase(Phase):
                  "parts": [{"file": name, "rows": rows} for name, rows in parts],
                  "duplicates_dir": "duplicates" if cfg.dedup.enabled and cfg.dedup.record_duplicates else None,
                  "funnel": FUNNEL,
-                 "report": storage.join(reports.REPORT_DIR, reports.REPORT_HTML) if report else None}
+                 "report": posixpath.join(reports.REPORT_DIR, reports.REPORT_HTML) if report else None}
         return Outcome(counts=counts, extra=extra, details={"funnel": funnel, "resumed": resumed,
                                                             "report_seconds": report_seconds})
 

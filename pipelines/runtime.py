@@ -32,6 +32,15 @@ class RayConfig:
     object_store_memory: Optional[int] = param(None, ge=78643200)
 
 
+# The driver's directory when it connected to a cluster (a job's working_dir): where ensure_cwd() steps back in.
+_driver_start_dir: str | None = None
+
+
+def ensure_cwd() -> None:
+    """recover_cwd() into the directory the driver connected from (re-extracted at the same path)."""
+    recover_cwd(_driver_start_dir)
+
+
 def recover_cwd(*fallbacks: str | None) -> None:
     """Step out of a deleted working directory into the first fallback that exists (else the temp dir).
 
@@ -81,7 +90,8 @@ def init_ray(cfg: RayConfig | None = None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        start_dir = os.getcwd()
+        global _driver_start_dir
+        start_dir = _driver_start_dir = os.getcwd()
         ray.init(address=address, log_to_driver=True)
         recover_cwd(start_dir)  # the working_dir may have been re-extracted at the same path
     else:

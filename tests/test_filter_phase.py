@@ -456,3 +456,21 @@ def test_config_errors_name_the_key(tmp_path):
         filter_phase.main(["--input", str(tmp_path), "--set", "filters.aesthetic.min=11"])
     with pytest.raises(ConfigError, match="input: required"):
         filter_phase.main(["--set", f"data_root={tmp_path}"])
+
+
+def test_task_memory_requests_follow_the_config_not_the_input():
+    """Each filter / de-dup task reserves memory from its buffer sizes (so Ray runs no more of them on a node
+    than its memory holds), and a request no node can satisfy fails at start-up naming the keys to lower."""
+    cfg = config_lib.from_dict(filter_phase.FilterConfig, {"input": "x"})
+    default = filter_phase.task_memory(cfg)
+    halved = filter_phase.task_memory(config_lib.from_dict(filter_phase.FilterConfig, {
+        "input": "x", "read": {"batch_rows": cfg.read.batch_rows // 2, "buffer_rows": cfg.read.buffer_rows // 2},
+        "dedup": {"max_rows_per_task": cfg.dedup.max_rows_per_task // 2}}))
+    assert halved["filter"] < default["filter"] and halved["dedup"] < default["dedup"]
+    assert filter_phase.task_memory(config_lib.from_dict(
+        filter_phase.FilterConfig, {"input": "x", "read": {"task_memory_mib": 512}})) == {"filter": 2**29, "dedup": 2**29}
+    filter_phase.check_task_memory(default, [max(default.values()) + 1.0])
+    with pytest.raises(ConfigError, match=r"read.task_memory_mib: a dedup task needs .* lower dedup.max_rows_per_task"):
+        filter_phase.check_task_memory(default, [default["filter"] + 1.0, 0.0])
+    with pytest.raises(ConfigError, match="read.task_memory_mib"):
+        config_lib.from_dict(filter_phase.FilterConfig, {"input": "x", "read": {"task_memory_mib": -1}})
