@@ -198,13 +198,18 @@ SLICE_BYTES_PER_ROW = 1000
 BUFFERED_BYTES_PER_ROW = 600
 
 
-def task_memory(cfg: "FilterConfig") -> dict[str, int]:
-    """Bytes each filter and de-dup task asks Ray for: set by the config, whatever the input's size."""
+def task_memory(cfg: "FilterConfig", unit_rows: Optional[int] = None,
+                bucket_rows: Optional[int] = None) -> dict[str, int]:
+    """Bytes each filter and de-dup task asks Ray for: what its buffers can reach under the config, or less when
+    the largest filter task (`unit_rows`) or de-dup bucket (`bucket_rows`) is smaller than those buffers."""
     if cfg.read.task_memory_mib is not None:
         return {"filter": cfg.read.task_memory_mib * 2**20, "dedup": cfg.read.task_memory_mib * 2**20}
-    buffered = BUFFERED_BYTES_PER_ROW * cfg.read.buffer_rows
-    return {"filter": TASK_BASE_BYTES + BATCH_BYTES_PER_ROW * cfg.read.batch_rows + buffered,
-            "dedup": TASK_BASE_BYTES + SLICE_BYTES_PER_ROW * cfg.dedup.max_rows_per_task + buffered}
+    unit = cfg.read.rows_per_task if unit_rows is None else unit_rows
+    bucket = cfg.dedup.max_rows_per_task if bucket_rows is None else bucket_rows
+    return {"filter": TASK_BASE_BYTES + BATCH_BYTES_PER_ROW * min(cfg.read.batch_rows, unit)
+            + BUFFERED_BYTES_PER_ROW * min(cfg.read.buffer_rows, unit),
+            "dedup": TASK_BASE_BYTES + SLICE_BYTES_PER_ROW * min(cfg.dedup.max_rows_per_task, bucket)
+            + BUFFERED_BYTES_PER_ROW * min(cfg.read.buffer_rows, bucket)}
 
 
 def check_task_memory(requests: dict[str, int], node_memory: list[float]) -> None:
@@ -379,7 +384,9 @@ class FilterPhase(Phase):
         else:
             tmp_uri = _prepare_tmp(out_uri, plan)
         stage = stage_context(cfg, plan, tmp_uri)
-        memory = task_memory(cfg)
+        # The filter tasks' request, and the de-dup's largest possible one (buckets are sized after stage 1).
+        input_rows = sum(u.rows for u in plan.units)
+        memory = task_memory(cfg, unit_rows=max((u.rows for u in plan.units), default=0), bucket_rows=input_rows)
         if cfg.read.task_memory_mib != 0:
             import ray
 
@@ -440,8 +447,9 @@ class FilterPhase(Phase):
                          "%d slices)", len(split), cfg.dedup.max_rows_per_task, max(rows_per_bucket.values()),
                          max(i["passes"] for i in split))
             fn = functools.partial(dedup_bucket, ctx=stage, out_uri=out_uri)
+            dedup_memory = task_memory(cfg, bucket_rows=max(rows_per_bucket.values(), default=0))["dedup"]
             for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight,
-                                memory["dedup"] if cfg.read.task_memory_mib != 0 else 0):
+                                dedup_memory if cfg.read.task_memory_mib != 0 else 0):
                 done = json.loads(row["result"])
                 bucket_results[done["bucket"]] = done
         dedup_seconds = time.time() - t1

@@ -467,6 +467,10 @@ def test_task_memory_requests_follow_the_config_not_the_input():
         "input": "x", "read": {"batch_rows": cfg.read.batch_rows // 2, "buffer_rows": cfg.read.buffer_rows // 2},
         "dedup": {"max_rows_per_task": cfg.dedup.max_rows_per_task // 2}}))
     assert halved["filter"] < default["filter"] and halved["dedup"] < default["dedup"]
+    # A small input asks for what its largest task can hold, not for the config's bound.
+    small = filter_phase.task_memory(cfg, unit_rows=1000, bucket_rows=100)
+    assert small["filter"] < filter_phase.TASK_BASE_BYTES + 2**21 and small["dedup"] < filter_phase.TASK_BASE_BYTES + 2**20
+    assert filter_phase.task_memory(cfg, unit_rows=10**12, bucket_rows=10**12) == default
     assert filter_phase.task_memory(config_lib.from_dict(
         filter_phase.FilterConfig, {"input": "x", "read": {"task_memory_mib": 512}})) == {"filter": 2**29, "dedup": 2**29}
     filter_phase.check_task_memory(default, [max(default.values()) + 1.0])
