@@ -51,8 +51,12 @@ def small_workflow(tmp_path, demo_root: str, data_root: str, extra: dict[str, li
 
 
 def run_workflow(cluster, config_path: str, timeout: float = 1500) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pipelines.workflow", "--config", config_path, "--submit"],
-                         cwd=REPO_ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    """`python -m pipelines.workflow --submit`: every step a Ray job on the cluster. With `cluster=None`, the
+    embedded mode instead (`make demo`'s): every step in that one process, on a local Ray it starts itself."""
+    args = [sys.executable, "-m", "pipelines.workflow", "--config", config_path] + (["--submit"] if cluster else [])
+    env = cluster.env if cluster else {k: v for k, v in os.environ.items()
+                                       if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    out = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"workflow failed:\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
     # Logs go to stderr; stdout ends with the workflow's JSON summary.
     return json.loads(out.stdout[out.stdout.rfind("\n{") + 1:])
