@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import filter as filter_bench  # noqa: E402  (bench/filter.py: data generator, baselines, uid reader)
 
-LAION_5B_ROWS = 5_850_000_000
+LAION_5B_ROWS = filter_bench.LAION_5B_ROWS
 
 
 def dataset(workdir: str, rows: int, files: int) -> list[str]:
