@@ -409,6 +409,30 @@ def ray_cpu_seconds() -> float:
     return total
 
 
+def dataset(input_dir: str, rows: int, files: int) -> list[str]:
+    """The generated files under input_dir: reused when they hold exactly `rows` in `files` files."""
+    t = time.time()
+    existing = sorted(os.listdir(input_dir)) if os.path.isdir(input_dir) else []
+    if len(existing) == files and sum(pq.ParquetFile(os.path.join(input_dir, f)).metadata.num_rows
+                                      for f in existing) == rows:
+        print(f"reusing {rows:,} rows in {files} files under {input_dir}", flush=True)
+        return [os.path.join(input_dir, f) for f in existing]
+    shutil.rmtree(input_dir, ignore_errors=True)
+    paths = generate(input_dir, rows, files)
+    print(f"generated {rows:,} rows in {files} files in {time.time() - t:.1f}s "
+          f"({sum(os.path.getsize(p) for p in paths) / 2**20:.0f} MiB)", flush=True)
+    return paths
+
+
+def matches(baseline: dict, funnel: dict, output: str) -> tuple[bool, bool]:
+    """(same funnel, same output uids) of a baseline's result against our phase's funnel and output dir."""
+    ours_removed = {r: c for s in funnel["filters"] for r, c in s["removed"].items() if c}
+    same_funnel = ({k: v for k, v in baseline["removed"].items() if v} == ours_removed
+                   and baseline["duplicates_removed"] == funnel["duplicates_removed"]
+                   and baseline["rows_written"] == funnel["rows_written"])
+    return same_funnel, baseline["uids"] == read_uids(output)
+
+
 def read_uids(directory: str) -> set[str]:
     parts = sorted(f for f in os.listdir(directory) if f.startswith("part-"))
     return set(pa.concat_tables([pq.read_table(os.path.join(directory, p), columns=["uid"])
@@ -430,17 +454,7 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="wurst-bench-filter-")
     input_dir = os.path.join(workdir, "laion")
     try:
-        t = time.time()
-        existing = sorted(os.listdir(input_dir)) if os.path.isdir(input_dir) else []
-        if len(existing) == args.files and sum(pq.ParquetFile(os.path.join(input_dir, f)).metadata.num_rows
-                                               for f in existing) == args.rows:
-            paths = [os.path.join(input_dir, f) for f in existing]
-            print(f"reusing {args.rows:,} rows in {len(paths)} files under {input_dir}")
-        else:
-            shutil.rmtree(input_dir, ignore_errors=True)
-            paths = generate(input_dir, args.rows, args.files)
-            print(f"generated {args.rows:,} rows in {len(paths)} files in {time.time() - t:.1f}s "
-                  f"({sum(os.path.getsize(p) for p in paths) / 2**20:.0f} MiB)")
+        paths = dataset(input_dir, args.rows, args.files)
 
         import ray
 
@@ -492,10 +506,7 @@ def main() -> None:
             out = run_baseline()
             seconds = time.time() - t
             per_core = args.rows / seconds / args.cpus
-            same = ({k: v for k, v in out["removed"].items() if v} == ours_removed
-                    and out["duplicates_removed"] == funnel["duplicates_removed"]
-                    and out["rows_written"] == funnel["rows_written"])
-            same_rows = out["uids"] == read_uids(summary.output)
+            same, same_rows = matches(out, funnel, summary.output)
             print(f"{name + ':':<7} {seconds:7.1f}s wall on {args.cpus} threads            {args.rows / seconds:11,.0f} "
                   f"rows/s  {per_core:9,.0f} rows/s/core   same funnel: {same}   same output uids: {same_rows}")
             print(f"ratio ours/{name}: {ours_per_core / per_core:.2f}x per core (wall)")
@@ -521,10 +532,7 @@ def main() -> None:
             pandas_per_core = args.rows / pandas_s
             print(f"pandas: {pandas_s:7.1f}s wall on 1 core ({pandas_cpu:.1f}s CPU)  {args.rows / pandas_s:11,.0f} rows/s"
                   f"  {pandas_per_core:9,.0f} rows/s/core  {args.rows / pandas_cpu:9,.0f} rows/CPU-s")
-            same_funnel = ({k: v for k, v in baseline["removed"].items() if v} == ours_removed
-                           and baseline["duplicates_removed"] == funnel["duplicates_removed"]
-                           and baseline["rows_written"] == funnel["rows_written"])
-            same_rows = baseline["uids"] == read_uids(summary.output)
+            same_funnel, same_rows = matches(baseline, funnel, summary.output)
             print(f"same funnel: {same_funnel}   same output uids: {same_rows}")
             ratio = ours_per_core / pandas_per_core
             cpu_ratio = pandas_cpu / ours_cpu

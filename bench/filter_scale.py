@@ -6,9 +6,9 @@
 
 memory: our filter phase on bench/filter.py's LAION-like data (10x its test size by default), in a child
 process placed in a memory cgroup of --cap-gb: the driver, Ray's head, its workers and its /dev/shm object
-store all count against the cap. With `--set dedup.max_rows_per_task=500000` the de-dup buckets (0: the phase's
-own count, one per 20M input rows) hold more survivors than one task may, so they are done in slices (the case a
-loose re-filter creates). Prints the cgroup's peak memory, how often it hit the
+store all count against the cap. It runs with `dedup.max_rows_per_task=500000` and `read.buffer_rows=250000`
+(--set overrides them), so at 100M rows the de-dup buckets (0: the phase's own count, one per 20M input rows) hold
+more survivors than one task may and are done in slices (the case a loose re-filter creates). Prints the cgroup's peak memory, how often it hit the
 cap and whether anything was OOM-killed; then DuckDB (outside the cap) on the same files, and checks that the
 funnel and the output uids are identical. Needs root and cgroup v1 or v2 (a container's /sys/fs/cgroup).
 
@@ -29,8 +29,6 @@ import tempfile
 import threading
 import time
 
-import pyarrow.parquet as pq
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -41,29 +39,14 @@ LAION_5B_ROWS = filter_bench.LAION_5B_ROWS
 
 
 def dataset(workdir: str, rows: int, files: int) -> list[str]:
-    input_dir = os.path.join(workdir, "laion")
-    existing = sorted(os.listdir(input_dir)) if os.path.isdir(input_dir) else []
-    if len(existing) == files and sum(pq.ParquetFile(os.path.join(input_dir, f)).metadata.num_rows
-                                      for f in existing) == rows:
-        print(f"reusing {rows:,} rows in {files} files under {input_dir}", flush=True)
-        return [os.path.join(input_dir, f) for f in existing]
-    shutil.rmtree(input_dir, ignore_errors=True)
-    t = time.time()
-    paths = filter_bench.generate(input_dir, rows, files)
-    print(f"generated {rows:,} rows in {files} files in {time.time() - t:.0f}s "
-          f"({sum(os.path.getsize(p) for p in paths) / 2**30:.1f} GiB)", flush=True)
-    return paths
+    return filter_bench.dataset(os.path.join(workdir, "laion"), rows, files)
 
 
 def check_against_duckdb(paths: list[str], funnel: dict, output: str, workdir: str, threads: int) -> dict:
     t = time.time()
     ref = filter_bench.duckdb_filter(paths, os.path.join(workdir, "duckdb.parquet"), threads)
     seconds = time.time() - t
-    ours_removed = {r: c for s in funnel["filters"] for r, c in s["removed"].items() if c}
-    same_funnel = ({k: v for k, v in ref["removed"].items() if v} == ours_removed
-                   and ref["duplicates_removed"] == funnel["duplicates_removed"]
-                   and ref["rows_written"] == funnel["rows_written"])
-    same_uids = ref["uids"] == filter_bench.read_uids(output)
+    same_funnel, same_uids = filter_bench.matches(ref, funnel, output)
     print(f"duckdb (uncapped, {threads} threads): {seconds:.1f}s   same funnel: {same_funnel}   "
           f"same output uids: {same_uids}", flush=True)
     return {"duckdb_seconds": seconds, "same_funnel": same_funnel, "same_uids": same_uids}
@@ -171,7 +154,10 @@ def memory_mode(args, workdir: str) -> dict:
     output = os.path.join(workdir, "out-capped")
     shutil.rmtree(output, ignore_errors=True)
     cgroup = MemoryCgroup(f"wurst-filter-bench-{os.getpid()}", int(args.cap_gb * 2**30))
-    overrides = [f"dedup.num_buckets={args.buckets}", "dedup.record_duplicates=false"]
+    # Buffers sized for the cap (--set overrides them): at the defaults a de-dup task asks for up to 3.1 GiB, which
+    # the 2 GiB of task memory a 4 GiB cap leaves cannot grant (the phase says so at start-up).
+    overrides = [f"dedup.num_buckets={args.buckets}", "dedup.record_duplicates=false",
+                 "dedup.max_rows_per_task=500000", "read.buffer_rows=250000"]
     cmd = [sys.executable, os.path.abspath(__file__), "_capped", "--input", os.path.dirname(paths[0]),
            "--output", output, "--cpus", str(args.cpus), "--workdir", workdir, "--cap-gb", str(args.cap_gb)] + \
         [a for o in overrides + args.set for a in ("--set", o)]

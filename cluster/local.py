@@ -355,10 +355,7 @@ def _kill_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # each process was started as its own session leader
     except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal(pid, sig)
 
 
 def _group_members(pgid: int) -> list[tuple[int, str]]:
@@ -403,14 +400,10 @@ def down(*, state_dir: str = DEFAULT_STATE_DIR, grace: float = 15.0) -> list[int
     state = ClusterState.load(state_dir)
     order = sorted(state.processes, key=lambda p: {"ray-head": 1, "mlflow": 2}.get(p.role, 0))
     deadline = time.time() + grace
-    waves = _shutdown_waves(state)
     mlflow = [p.pid for p in state.processes if p.role == "mlflow"]
-    for wave in waves + [mlflow]:
-        for pid in wave:
-            if pid in mlflow:
-                _kill_group(pid, signal.SIGTERM)  # the server and its gunicorn workers
-            else:
-                _signal(pid, signal.SIGTERM)
+    for wave, send in [(w, _signal) for w in _shutdown_waves(state)] + [(mlflow, _kill_group)]:
+        for pid in wave:  # MLflow's whole group: the server and its gunicorn workers
+            send(pid, signal.SIGTERM)
         while time.time() < deadline and any(_pid_alive(pid) for pid in wave):
             time.sleep(0.05)
     for proc in order:

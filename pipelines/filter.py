@@ -202,7 +202,7 @@ def task_memory(cfg: "FilterConfig", unit_rows: Optional[int] = None,
                 bucket_rows: Optional[int] = None) -> dict[str, int]:
     """Bytes each filter and de-dup task asks Ray for: what its buffers can reach under the config, or less when
     the largest filter task (`unit_rows`) or de-dup bucket (`bucket_rows`) is smaller than those buffers."""
-    if cfg.read.task_memory_mib is not None:
+    if cfg.read.task_memory_mib is not None:  # 0: no request
         return {"filter": cfg.read.task_memory_mib * 2**20, "dedup": cfg.read.task_memory_mib * 2**20}
     unit = cfg.read.rows_per_task if unit_rows is None else unit_rows
     bucket = cfg.dedup.max_rows_per_task if bucket_rows is None else bucket_rows
@@ -387,7 +387,7 @@ class FilterPhase(Phase):
         # The filter tasks' request, and the de-dup's largest possible one (buckets are sized after stage 1).
         input_rows = sum(u.rows for u in plan.units)
         memory = task_memory(cfg, unit_rows=max((u.rows for u in plan.units), default=0), bucket_rows=input_rows)
-        if cfg.read.task_memory_mib != 0:
+        if any(memory.values()):
             import ray
 
             check_task_memory(memory, [n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]])
@@ -404,7 +404,7 @@ class FilterPhase(Phase):
         if todo:
             items = [unit_row(u, plan) for u in todo]
             for row in _ray_map(items, functools.partial(filter_unit, ctx=stage), cfg.read.max_tasks_in_flight,
-                                memory["filter"] if cfg.read.task_memory_mib != 0 else 0):
+                                memory["filter"]):
                 if row["status"] == "ok":
                     result = json.loads(row["result"])
                     unit_results[result["unit"]] = result
@@ -448,8 +448,7 @@ class FilterPhase(Phase):
                          max(i["passes"] for i in split))
             fn = functools.partial(dedup_bucket, ctx=stage, out_uri=out_uri)
             dedup_memory = task_memory(cfg, bucket_rows=max(rows_per_bucket.values(), default=0))["dedup"]
-            for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight,
-                                dedup_memory if cfg.read.task_memory_mib != 0 else 0):
+            for row in _ray_map(items, fn, cfg.read.max_tasks_in_flight, dedup_memory):
                 done = json.loads(row["result"])
                 bucket_results[done["bucket"]] = done
         dedup_seconds = time.time() - t1
