@@ -13,6 +13,11 @@ BatchNorm is calibrated on those images. A trained EfficientNet encoder emits la
 targets would be ~5e-4, the noise would be trivially predictable and nothing would be learned. The
 calibration sets the BatchNorm statistics from the data (mean, variance per channel) and its affine
 to 42 / -1, so (x + 1) / 42 has zero mean and unit variance per channel, as in the paper's latents.
+
+`semantic_pretrain.steps` > 0 (random weights + input) first trains the random compressor to reconstruct
+its input images from its latent (`stages.semantic.pretrain_by_reconstruction`): the stand-in for the
+paper's ImageNet-pretrained start, without labels (BENCHMARKS.md, "demo prompt adherence"). Like the
+calibration it sees every downloaded image's pixels, the later validation split's included; no captions.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ from pipelines.phase import Context, Outcome, Phase, module_cli
 from pipelines.runtime import default_data_root
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SemanticPretrainConfig:
+    """Reconstruction pretraining of a random Semantic Compressor on the input images (0 steps: none)."""
+    steps: int = param(0, ge=0)
+    lr: float = param(2e-3, gt=0)
+    batch_size: int = param(32, ge=1)
+    # The reconstruction target's size in px (the input downscaled, area average).
+    target_resolution: int = param(24, ge=4)
+    # Images decoded once and held in memory (uint8 at the calibration resolution: 27 KB each at 96 px).
+    max_images: int = param(4096, ge=1)
 
 
 @dataclasses.dataclass
@@ -51,9 +68,13 @@ class EncodersConfig:
     calibration_images: int = param(256, ge=8)
     # Resolution the calibration encodes at: the one precompute encodes semantic latents at.
     calibration_resolution: int = param(96, ge=32)
+    semantic_pretrain: SemanticPretrainConfig = dataclasses.field(default_factory=SemanticPretrainConfig)
     mlflow: tracking.MlflowConfig = dataclasses.field(default_factory=tracking.MlflowConfig)
 
     def validate(self) -> None:
+        if self.semantic_pretrain.steps and not (self.random_weights and self.input):
+            raise ConfigError("semantic_pretrain.steps: pretraining applies only to random weights with input "
+                              "images (random_weights: true and input)")
         if not self.random_weights:
             if not self.text_weights:
                 raise ConfigError("text_weights: required (a local open_clip weights file), "
@@ -108,6 +129,7 @@ def build(cfg: EncodersConfig, out: str) -> dict:
             raise ConfigError(f"semantic_weights: {cfg.semantic_weights} does not match the "
                               f"{cfg.semantic_preset} Semantic Compressor (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
+    pretraining = pretrain_semantic(semantic, cfg) if cfg.semantic_pretrain.steps else None
     semantic.eval()
     calibration = calibrate_semantic(semantic, cfg) if cfg.input else None
     local = storage.local_path(out)
@@ -122,7 +144,57 @@ def build(cfg: EncodersConfig, out: str) -> dict:
                      "sha256": None if cfg.random_weights else _file_sha256(cfg.semantic_weights)},
         "weights": "random" if cfg.random_weights else "files",
         "calibration": calibration,
+        "pretraining": pretraining,
     }
+
+
+def _image_reader(cfg: EncodersConfig, batch_size: int):
+    from pipelines import image_shards
+
+    size = cfg.calibration_resolution
+    try:
+        return image_shards.ImageShardDataset(cfg.input, seed=cfg.seed, batch_size=batch_size, image_size=size,
+                                              crop_size=size, shuffle_window=256)
+    except image_shards.ImageShardError as exc:
+        raise ConfigError(f"input: {exc}") from None
+
+
+def pretrain_semantic(semantic, cfg: EncodersConfig) -> dict:
+    """`semantic_pretrain`: reconstruction pretraining of the random compressor on up to `max_images` of
+    `input`'s images at the calibration resolution (the one precompute encodes at), decoded once and held in
+    memory as uint8, batches drawn from them with the config's seed."""
+    import time
+
+    import torch
+
+    from stages.semantic import pretrain_by_reconstruction
+
+    pre = cfg.semantic_pretrain
+    reader = _image_reader(cfg, 64)
+    limit = min(pre.max_images, reader.num_samples)  # the reader cycles epochs: one pass at most
+    chunks, count = [], 0
+    for batch in reader:
+        if count >= limit:
+            break
+        pixels = batch["images"][: limit - count]
+        chunks.append((pixels * 255).round().to(torch.uint8))
+        count += pixels.shape[0]
+    if count == 0:
+        raise ConfigError(f"input: {cfg.input} has no images to pretrain the Semantic Compressor on")
+    images = torch.cat(chunks)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():
+        while True:
+            yield images[torch.randint(0, count, (pre.batch_size,), generator=generator)].float() / 255.0
+
+    started = time.monotonic()
+    result = pretrain_by_reconstruction(semantic, batches(), steps=pre.steps, lr=pre.lr,
+                                        input_size=cfg.calibration_resolution, target_size=pre.target_resolution)
+    log.info("pretrained the Semantic Compressor on %d images: %d steps, reconstruction loss %.4f -> %.4f, %.1f s",
+             count, pre.steps, result["loss_first"], result["loss_last"], time.monotonic() - started)
+    return {**result, "resolution": cfg.calibration_resolution, "target_resolution": pre.target_resolution,
+            "images": count}
 
 
 def calibrate_semantic(semantic, cfg: EncodersConfig) -> dict:
@@ -130,14 +202,8 @@ def calibrate_semantic(semantic, cfg: EncodersConfig) -> dict:
     up to `calibration_images` images of `input` (see the module docstring for why)."""
     import torch
 
-    from pipelines import image_shards
-
     size = cfg.calibration_resolution
-    try:
-        reader = image_shards.ImageShardDataset(cfg.input, seed=cfg.seed, batch_size=32, image_size=size,
-                                                crop_size=size, shuffle_window=256)
-    except image_shards.ImageShardError as exc:
-        raise ConfigError(f"input: {exc}") from None
+    reader = _image_reader(cfg, 32)
     limit = min(cfg.calibration_images, reader.num_samples)  # the reader cycles epochs: one pass at most
     conv, norm = semantic.mapper[0], semantic.mapper[1]
     total, total_sq, count, images = 0.0, 0.0, 0, 0

@@ -186,10 +186,61 @@ class SemanticCompressor(nn.Module):
         return to_stage_c(self.encode(images, size))
 
 
+class ReconstructionHead(nn.Module):
+    """A throwaway decoder for pretraining a random compressor: its latent (c_latent, h, w) -> an RGB image
+    of ``size`` px. Three 2x upsamplings of convolutions, then a resize to ``size``."""
+
+    def __init__(self, c_latent: int, size: int, width: int = 128):
+        super().__init__()
+        self.size = size
+        self.net = nn.Sequential(
+            nn.Conv2d(c_latent, width, 3, padding=1), nn.GELU(), nn.Upsample(scale_factor=2),
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.GELU(), nn.Upsample(scale_factor=2),
+            nn.Conv2d(width // 2, width // 2, 3, padding=1), nn.GELU(),
+        )
+        self.out = nn.Conv2d(width // 2, 3, 3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.out(F.interpolate(self.net(latents), size=self.size, mode="nearest"))
+
+
+def pretrain_by_reconstruction(compressor: SemanticCompressor, batches, *, steps: int, lr: float,
+                               input_size: int, target_size: int) -> dict:
+    """Train a compressor (backbone, mapper) for ``steps`` AdamW steps to reconstruct each image, downscaled to
+    ``target_size`` px, from its latent through a ``ReconstructionHead`` that is then discarded.
+
+    The paper's compressor starts from ImageNet weights, a trained feature extractor. A random one's latent
+    keeps little of what a small region looks like, and no later stage can draw what the latent does not
+    carry. Reconstruction is the label-free way to put it there. ``batches`` yields images in [0, 1]
+    (B, 3, H, W), cycled as long as needed. The mapper's BatchNorm trains in batch mode here: calibrate it
+    afterwards. Returns the mean loss of the first and the last 10% of steps."""
+    if steps < 1:
+        raise ValueError(f"pretrain_by_reconstruction: steps must be >= 1, got {steps}")
+    head = ReconstructionHead(compressor.config.c_latent, target_size)
+    params = list(compressor.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    compressor.train()
+    losses = []
+    iterator = iter(batches)
+    for _ in range(steps):
+        images = next(iterator).float()
+        target = F.interpolate(images, size=target_size, mode="area")
+        loss = F.mse_loss(head(compressor.encode(images, input_size)), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    compressor.eval()
+    tail = max(1, steps // 10)
+    return {"steps": steps, "loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail}
+
+
 __all__ = [
     "SemanticCompressorConfig",
     "SemanticCompressor",
     "build_backbone",
+    "ReconstructionHead",
+    "pretrain_by_reconstruction",
     "to_stage_c",
     "from_stage_c",
     "IMAGENET_MEAN",

@@ -12,6 +12,7 @@ from stages.semantic import (
     SemanticCompressor,
     SemanticCompressorConfig,
     from_stage_c,
+    pretrain_by_reconstruction,
     to_stage_c,
 )
 from stages.text import TINY_CLIP_NAME, TextEncoder, TextEncoderConfig
@@ -51,6 +52,29 @@ def test_tiny_semantic_compressor_encodes_images():
     torch.testing.assert_close(from_stage_c(to_stage_c(latents)), latents, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert model.encode(images, size=64).shape == (2, 16, 2, 2)
+
+
+def _square_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A coloured square at a random place on a flat background: what the latent should come to describe."""
+    images = torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, size, size).clone()
+    for i in range(n):
+        top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+        images[i, :, top:top + size // 3, left:left + size // 3] = torch.rand(3, 1, 1, generator=generator)
+    return images
+
+
+def test_reconstruction_pretraining_teaches_a_random_compressor_its_images():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = SemanticCompressor(SemanticCompressorConfig.tiny())
+    batches = (_square_images(16, 64, generator) for _ in range(60))
+    result = pretrain_by_reconstruction(model, batches, steps=60, lr=2e-3, input_size=64, target_size=8)
+    assert result["steps"] == 60
+    assert result["loss_last"] < 0.5 * result["loss_first"], result
+    assert not model.training  # left in eval mode, for the calibration that follows
+    assert model.encode(torch.rand(1, 3, 64, 64), 64).shape == (1, 16, 2, 2)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        pretrain_by_reconstruction(model, iter([]), steps=0, lr=1e-3, input_size=64, target_size=8)
 
 
 @pytest.mark.parametrize("height,width", [(300, 517), (517, 300), (1000, 999)])
