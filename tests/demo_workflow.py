@@ -17,6 +17,7 @@ DEMO_WORKFLOW = os.path.join(REPO_ROOT, "configs", "demo", "workflow.yaml")
 
 # The demo config made smaller for the suite: fewer images and optimizer steps, 2 prompts.
 SMALL_OVERRIDES = {
+    "encoders": ["semantic_pretrain.steps=4"],
     "train_a": ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=6", "train.micro_batch_size=8", "sampling.every=6"],
     # Stage B takes the GPU path on CPU: bf16 (fp32 weights + autocast), every collective audited for its
     # tensors' device, its grid decoded by the bf16 Stage A, and its only worker SIGKILLed before step 5
